@@ -1,0 +1,39 @@
+"""Loss library: pure tensor functions (torch only), checked against float64 references in the tests."""
+
+from kdistill.losses.chunked import chunked_divergence
+from kdistill.losses.divergences import (
+    forward_kl,
+    generalized_jsd,
+    logit_mse,
+    reverse_kl,
+    skewed_forward_kl,
+    skewed_reverse_kl,
+    soft_cross_entropy,
+    token_cross_entropy,
+    total_variation,
+)
+from kdistill.losses.features import attention_kl, attention_mse, cosine, fsp, hidden_mse, nst, pkd
+from kdistill.losses.registry import LOSSES, get_loss, register_loss
+
+__all__ = [
+    "LOSSES",
+    "attention_kl",
+    "attention_mse",
+    "chunked_divergence",
+    "cosine",
+    "forward_kl",
+    "fsp",
+    "generalized_jsd",
+    "get_loss",
+    "hidden_mse",
+    "logit_mse",
+    "nst",
+    "pkd",
+    "register_loss",
+    "reverse_kl",
+    "skewed_forward_kl",
+    "skewed_reverse_kl",
+    "soft_cross_entropy",
+    "token_cross_entropy",
+    "total_variation",
+]

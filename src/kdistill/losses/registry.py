@@ -1,0 +1,50 @@
+"""The loss registry: config names → loss functions.
+
+Kinds: ``"divergence"`` (student vs teacher logits, see :mod:`kdistill.losses.divergences`), ``"hard"`` (logits vs
+labels) and ``"feature"`` (hidden states or attention maps, see :mod:`kdistill.losses.features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kdistill.losses import divergences as _div
+from kdistill.losses import features as _feat
+from kdistill.registry import Registry
+
+LossFn = Callable[..., Any]
+
+LOSSES: Registry[LossFn] = Registry("loss")
+
+LOSSES.register("forward_kl", _div.forward_kl, kind="divergence", aliases=("kl", "kd_kl"))
+LOSSES.register("reverse_kl", _div.reverse_kl, kind="divergence", aliases=("rkl",))
+LOSSES.register("skewed_forward_kl", _div.skewed_forward_kl, kind="divergence", aliases=("skl",))
+LOSSES.register("skewed_reverse_kl", _div.skewed_reverse_kl, kind="divergence", aliases=("srkl",))
+LOSSES.register("generalized_jsd", _div.generalized_jsd, kind="divergence", aliases=("jsd",))
+LOSSES.register("total_variation", _div.total_variation, kind="divergence", aliases=("tvd",))
+LOSSES.register("soft_cross_entropy", _div.soft_cross_entropy, kind="divergence", aliases=("kd_ce",))
+LOSSES.register("logit_mse", _div.logit_mse, kind="divergence", aliases=("kd_mse",))
+LOSSES.register("token_cross_entropy", _div.token_cross_entropy, kind="hard", aliases=("ce", "cross_entropy"))
+
+LOSSES.register("hidden_mse", _feat.hidden_mse, kind="feature", aliases=("hidden_states_mse", "hid_mse"))
+LOSSES.register("cosine", _feat.cosine, kind="feature", aliases=("cos",))
+LOSSES.register("pkd", _feat.pkd, kind="feature")
+LOSSES.register("attention_mse", _feat.attention_mse, kind="feature", aliases=("att_mse",))
+LOSSES.register("attention_kl", _feat.attention_kl, kind="feature", aliases=("attention_ce", "att_ce"))
+LOSSES.register("nst", _feat.nst, kind="feature", aliases=("mmd",))
+LOSSES.register("fsp", _feat.fsp, kind="feature")
+
+
+def get_loss(name: str | LossFn) -> LossFn:
+    """The loss function registered under ``name`` (or ``name`` itself when it is callable)."""
+    return LOSSES.resolve(name)
+
+
+def register_loss(name: str, fn: LossFn | None = None, *, kind: str = "divergence", **kwargs: Any) -> Any:
+    """Register a user's loss function; usable as ``register_loss("x", fn)`` or as a decorator.
+
+    A divergence must follow the contract of :mod:`kdistill.losses.divergences`, so that the objective and
+    :func:`~kdistill.losses.chunked_divergence` can call it like the built-in ones.
+    """
+    return LOSSES.register(name, fn, kind=kind, **kwargs)
