@@ -81,7 +81,9 @@ def align_vocab(
     Both policies assume token id ``i`` means the same token in both vocabularies for the shared ids.
     """
     if vocab_policy not in VOCAB_POLICIES:
-        raise InvalidArgumentError(f"vocab_policy={vocab_policy!r} is not one of {', '.join(map(repr, VOCAB_POLICIES))}")
+        raise InvalidArgumentError(
+            f"vocab_policy={vocab_policy!r} is not one of {', '.join(map(repr, VOCAB_POLICIES))}"
+        )
     student_vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
     if student_vocab == teacher_vocab:
         return student_logits, teacher_logits
@@ -109,7 +111,7 @@ def _pad_with_row_min(logits: torch.Tensor, size: int) -> torch.Tensor:
 def check_logit_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(tensor, torch.Tensor):
-            raise InvalidArgumentError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            raise InvalidArgumentError(f"{name} must be a tensor, got {type(tensor).__name__}")
         if tensor.dim() < 1:
             raise ShapeMismatchError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
         if not tensor.is_floating_point():

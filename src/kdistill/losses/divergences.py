@@ -58,7 +58,7 @@ def _divergence(
     dtype = compute_dtype(student_logits, teacher_logits)
     student_rows = select_counted(student_logits, mask).to(dtype) / temperature  # (n_counted, V)
     teacher_rows = select_counted(teacher_logits, mask).to(dtype) / temperature  # (n_counted, V)
-    per_position = rows_fn(student_rows, teacher_rows) if student_rows.shape[0] > 0 else student_rows.new_zeros(0)
+    per_position = rows_fn(student_rows, teacher_rows)  # (n_counted,); empty rows keep the graph connected
     return reduce_positions(per_position, mask, leading_shape, reduction)
 
 
