@@ -113,5 +113,3 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.family!r}, {self.names()})"
-
-

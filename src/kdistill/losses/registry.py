@@ -31,7 +31,7 @@ LOSSES.register("hidden_mse", _feat.hidden_mse, kind="feature", aliases=("hidden
 LOSSES.register("cosine", _feat.cosine, kind="feature", aliases=("cos",))
 LOSSES.register("pkd", _feat.pkd, kind="feature")
 LOSSES.register("attention_mse", _feat.attention_mse, kind="feature", aliases=("att_mse",))
-LOSSES.register("attention_kl", _feat.attention_kl, kind="feature", aliases=("attention_ce", "att_ce"))
+LOSSES.register("attention_kl", _feat.attention_kl, kind="feature")
 LOSSES.register("nst", _feat.nst, kind="feature", aliases=("mmd",))
 LOSSES.register("fsp", _feat.fsp, kind="feature")
 
