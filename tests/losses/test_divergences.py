@@ -456,3 +456,21 @@ def test_bad_input_gets_a_clear_error(call, error, pattern):
     with pytest.raises(error, match=pattern) as info:
         call()
     assert isinstance(info.value, KdistillError)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_per_position_temperature_tensor(name):
+    """flsw/cwsm give one temperature per position; each position must use its own."""
+    fn, ref_fn, kwargs = CASES[name]
+    gen = torch.Generator().manual_seed(61)
+    student, teacher = torch.randn(3, 4, 9, generator=gen) * 2, torch.randn(3, 4, 9, generator=gen) * 2
+    temperature = torch.rand(3, 4, generator=gen) * 3 + 0.5
+    mask = torch.rand(3, 4, generator=gen) > 0.3
+    got = fn(student, teacher, mask, temperature=temperature, reduction="none", **kwargs)
+    for idx in np.ndindex(3, 4):
+        want = ref_fn(student[idx].double().numpy(), teacher[idx].double().numpy(), temperature[idx].item(), **kwargs)
+        np.testing.assert_allclose(got[idx].item(), want if mask[idx] else 0.0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ShapeMismatchError, match=r"temperature tensor has shape \(4,\)"):
+        fn(student, teacher, temperature=torch.ones(4), **kwargs)
+    with pytest.raises(InvalidArgumentError, match="temperature tensor must hold"):
+        fn(student, teacher, temperature=torch.zeros(3, 4), **kwargs)

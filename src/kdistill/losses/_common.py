@@ -39,9 +39,27 @@ def check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> No
         raise InvalidArgumentError(f"reduction={reduction!r} is not one of {', '.join(map(repr, allowed))}")
 
 
-def check_temperature(temperature: float) -> None:
+def check_temperature(temperature: float | torch.Tensor, leading_shape: torch.Size | None = None) -> None:
+    """A temperature is a finite number > 0, or (per position) a tensor of the positions' shape with such values."""
+    if isinstance(temperature, torch.Tensor):
+        if leading_shape is None or (temperature.dim() > 0 and tuple(temperature.shape) != tuple(leading_shape)):
+            where = f"the positions' shape {tuple(leading_shape)}" if leading_shape is not None else "a scalar"
+            raise ShapeMismatchError(f"temperature tensor has shape {tuple(temperature.shape)} but must be {where}")
+        if not temperature.is_floating_point() or not bool(
+            torch.isfinite(temperature).all() & (temperature > 0).all()
+        ):
+            raise InvalidArgumentError("temperature tensor must hold finite floating-point values > 0")
+        return
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
         raise InvalidArgumentError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def scale_rows(rows: torch.Tensor, temperature: float | torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Divide counted rows ``(n_counted, V)`` by a scalar temperature or by their per-position temperatures."""
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        per_row = select_counted(temperature, mask, trailing_dims=0).to(rows.dtype)  # (n_counted,)
+        return rows / per_row[:, None]
+    return rows / temperature
 
 
 def check_unit_interval(name: str, value: float) -> None:

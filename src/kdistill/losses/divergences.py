@@ -5,7 +5,8 @@ Every function here has the signature
 and the same semantics (see :mod:`kdistill.losses._common`):
 
 * ``student_logits`` ``(..., V_s)`` and ``teacher_logits`` ``(..., V_t)``; both are divided by ``temperature``
-  before the softmax; ``V_s != V_t`` is resolved by ``vocab_policy``;
+  before the softmax (a number, or a tensor ``(...)`` of per-position temperatures, as the ``flsw``/``cwsm``
+  schedules give); ``V_s != V_t`` is resolved by ``vocab_policy``;
 * ``mask`` bool ``(...)``, True = counted; only counted positions are computed;
 * math in float32 at least, whatever the input dtype; mixtures are formed in log space, so ``-inf`` logits
   (padded vocabulary rows) are allowed and give finite values wherever the divergence itself is finite;
@@ -31,6 +32,7 @@ from kdistill.losses._common import (
     check_unit_interval,
     compute_dtype,
     reduce_positions,
+    scale_rows,
     select_counted,
 )
 
@@ -50,14 +52,14 @@ def _divergence(
 ) -> torch.Tensor:
     """Validate, select counted rows, scale by temperature, apply ``rows_fn`` per row, reduce."""
     check_logit_pair(student_logits, teacher_logits)
-    check_temperature(temperature)
     check_reduction(reduction)
     leading_shape = student_logits.shape[:-1]
+    check_temperature(temperature, leading_shape)
     mask = check_mask(mask, leading_shape)
     student_logits, teacher_logits = align_vocab(student_logits, teacher_logits, vocab_policy)
     dtype = compute_dtype(student_logits, teacher_logits)
-    student_rows = select_counted(student_logits, mask).to(dtype) / temperature  # (n_counted, V)
-    teacher_rows = select_counted(teacher_logits, mask).to(dtype) / temperature  # (n_counted, V)
+    student_rows = scale_rows(select_counted(student_logits, mask).to(dtype), temperature, mask)  # (n_counted, V)
+    teacher_rows = scale_rows(select_counted(teacher_logits, mask).to(dtype), temperature, mask)  # (n_counted, V)
     per_position = rows_fn(student_rows, teacher_rows)  # (n_counted,); empty rows keep the graph connected
     return reduce_positions(per_position, mask, leading_shape, reduction)
 

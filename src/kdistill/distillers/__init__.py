@@ -1,0 +1,33 @@
+"""Distillers and the objective they optimize."""
+
+from kdistill.distillers.core import (
+    Distiller,
+    MultiTeacherDistiller,
+    StudentModule,
+    SupervisedTrainer,
+    build_projection,
+    freeze,
+    model_inputs,
+)
+from kdistill.distillers.multitask import MultiTaskDistiller
+from kdistill.distillers.objective import Match, Objective, Stage, TermValue, expand_layer_map
+from kdistill.distillers.views import SequenceView, TokenView, infer_view
+
+__all__ = [
+    "Distiller",
+    "Match",
+    "MultiTaskDistiller",
+    "MultiTeacherDistiller",
+    "Objective",
+    "SequenceView",
+    "Stage",
+    "StudentModule",
+    "SupervisedTrainer",
+    "TermValue",
+    "TokenView",
+    "build_projection",
+    "expand_layer_map",
+    "freeze",
+    "infer_view",
+    "model_inputs",
+]

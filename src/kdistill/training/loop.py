@@ -1,0 +1,536 @@
+"""The training loop, on accelerate: one CPU, one GPU or many processes with the same code.
+
+What it guarantees:
+
+* gradient accumulation and data parallelism give the update of one large batch: every term is a sum over its
+  units divided by the number of units in the whole optimizer step, counted before the forward passes, summed
+  over the micro-batches and all-reduced over processes;
+* the teacher is frozen, in eval mode, under ``torch.no_grad()``, cast to the run's dtype, never wrapped in DDP;
+* checkpoints are atomic and hold everything needed for ``resume`` to end with the same weights as an
+  uninterrupted run (same seed, CPU): model, projections, optimizer, scheduler, RNG of every rank, step and the
+  position in the data;
+* logs of every term, the learning rate and throughput go to ``metrics.jsonl``, TensorBoard and the progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from kdistill.errors import InvalidArgumentError, KdistillError
+from kdistill.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_student,
+)
+
+EvalFn = Callable[[nn.Module], Mapping[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Every field has a default that suits a small run."""
+
+    output_dir: str = "runs/distill"  # where checkpoints, logs, the final student and its projections go
+    num_epochs: int = 1  # passes over the training data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps in total; overrides num_epochs
+    batch_size: int = 16  # examples per micro-batch and process
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 5e-5  # peak learning rate of the student
+    projection_learning_rate: float | None = None  # learning rate of projections (default: learning_rate)
+    weight_decay: float = 0.01  # AdamW weight decay (not on biases and norms)
+    lr_scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
+    warmup_steps: int = 0  # learning-rate warm-up steps
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the total steps (used when warmup_steps is 0)
+    max_grad_norm: float | None = 1.0  # gradient clipping; None turns it off
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; the teacher is cast to that dtype)
+    seed: int = 42  # seeds python, numpy, torch and the data order
+    log_every: int = 10  # optimizer steps between log lines
+    eval_every: int | None = None  # optimizer steps between evaluations (and at each epoch end)
+    save_every: int | None = None  # optimizer steps between checkpoints (and at each epoch end when set)
+    keep_last: int = 2  # checkpoints kept
+    metric_for_best: str | None = None  # evaluation metric that picks the best checkpoint
+    greater_is_better: bool = True  # direction of metric_for_best
+    early_stopping_patience: int | None = None  # evaluations without improvement before stopping
+    load_best_at_end: bool = True  # the saved final student is the best one when a metric is tracked
+    resume: bool = False  # continue from the newest complete checkpoint in output_dir
+    log_with: Sequence[str] = ("tensorboard",)  # accelerate trackers
+    progress: bool = True  # a progress bar on the main process
+    dataloader_drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_last")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InvalidArgumentError(f"{name} must be a positive integer or null, got {value!r}")
+        if self.learning_rate <= 0:
+            raise InvalidArgumentError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise InvalidArgumentError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise InvalidArgumentError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.early_stopping_patience is not None and self.metric_for_best is None:
+            raise InvalidArgumentError("early_stopping_patience needs metric_for_best")
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation seeded by (seed, epoch): the data order depends on nothing else, so resume can skip."""
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.size))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    output_dir: Path
+    student_dir: Path
+    global_step: int
+    best_metric: float | None
+    best_step: int | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def _param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Student parameters with and without weight decay, and projections at their own learning rate."""
+    decay, no_decay, projections = [], [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("projections."):
+            projections.append(param)
+        elif param.dim() < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "student"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "student_no_decay"},
+    ]
+    if projections:
+        lr = cfg.projection_learning_rate or cfg.learning_rate
+        groups.append({"params": projections, "weight_decay": cfg.weight_decay, "lr": lr, "name": "projections"})
+    return [g for g in groups if g["params"]]
+
+
+def _window(iterator: Iterator[Any], size: int) -> list[Any]:
+    batch_list = []
+    for _ in range(size):
+        try:
+            batch_list.append(next(iterator))
+        except StopIteration:
+            break
+    return batch_list
+
+
+def train(
+    distiller: Any,
+    train_data: Sequence[Any],
+    config: TrainConfig,
+    *,
+    collate_fn: Callable[[list[Any]], Mapping[str, Any]] | None = None,
+    eval_fn: EvalFn | None = None,
+    accelerator: Any = None,
+) -> TrainResult:
+    """Train ``distiller``'s student on ``train_data``.
+
+    Args:
+        distiller: a :class:`~kdistill.distillers.Distiller` (or multi-teacher / multi-task / supervised one).
+        train_data: an indexable dataset of examples; ``collate_fn`` turns a list of them into a batch dict.
+        config: the run's :class:`TrainConfig`.
+        eval_fn: called with the (unwrapped) student every ``eval_every`` steps and at each epoch end; returns
+            metrics (the same on every process). ``config.metric_for_best`` picks among them.
+        accelerator: an ``accelerate.Accelerator``; one is made from the config when None.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from transformers import get_scheduler
+
+    cfg = config
+    if len(train_data) == 0:
+        raise KdistillError("the training data is empty")
+    output_dir = Path(cfg.output_dir)
+    if accelerator is None:
+        # accelerate keeps its mixed-precision settings process-wide; a second run in one process (a sweep, a test,
+        # the demo's teacher then students) must be free to choose its own, so forget the previous run's settings.
+        # The distributed state (PartialState) is kept.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+        trackers = list(cfg.log_with) or None
+        accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            log_with=trackers,
+            project_dir=str(output_dir),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+    is_main = accelerator.is_main_process
+    set_seed(cfg.seed)
+
+    if collate_fn is None:
+        from torch.utils.data import default_collate
+
+        from kdistill.data import PadCollator
+
+        first = train_data[0]
+        collate_fn = PadCollator() if isinstance(first, Mapping) and "input_ids" in first else default_collate
+    sampler = EpochSampler(len(train_data), cfg.seed)
+    loader = DataLoader(
+        train_data,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        drop_last=cfg.dataloader_drop_last,
+    )
+    sample_batch = collate_fn([train_data[i] for i in range(min(cfg.batch_size, len(train_data)))])
+    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    module = distiller.setup(sample_batch, accelerator.device, teacher_dtype)
+    optimizer = torch.optim.AdamW(_param_groups(module, cfg), lr=cfg.learning_rate)
+
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    steps_per_epoch = max(math.ceil(len(loader) / cfg.gradient_accumulation_steps), 1)
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.num_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    state: dict[str, Any] = {
+        "step": 0,
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "best_metric": None,
+        "best_step": None,
+        "bad_evals": 0,
+        "total_steps": total_steps,
+    }
+    unwrapped = accelerator.unwrap_model(module)
+    extras = {"ema_teacher": distiller.teachers[0]} if getattr(distiller, "teacher_mode", "") == "ema" else {}
+    if cfg.resume:
+        path = latest_checkpoint(output_dir)
+        if path is not None:
+            state = load_checkpoint(
+                path,
+                student=unwrapped.student,
+                projections=unwrapped.projections if hasattr(distiller, "_projection_keys") else None,
+                projection_names=getattr(distiller, "_projection_keys", {}),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                extras=extras,
+                rank=accelerator.process_index,
+            )
+            accelerator.print(f"resumed from {path} at step {state['step']}")
+    elif is_main and (output_dir / "checkpoints").is_dir() and any((output_dir / "checkpoints").iterdir()):
+        raise KdistillError(f"{output_dir} already holds checkpoints; pass resume=True or choose another output_dir")
+
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    if cfg.log_with:
+        accelerator.init_trackers(
+            "tensorboard", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
+        )
+    metrics_file = output_dir / "metrics.jsonl"
+    history: list[dict[str, Any]] = []
+    world = accelerator.num_processes
+    progress = None
+    if is_main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=state["step"], desc="distill", dynamic_ncols=True)
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        if is_main:
+            with open(metrics_file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if cfg.log_with:
+                accelerator.log(
+                    {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                    step=record["step"],
+                )
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            output_dir,
+            state["step"],
+            student=unwrapped.student,
+            projections=distiller.projections_state() if hasattr(distiller, "projections_state") else {},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state=state,
+            extras=extras,
+            keep_last=cfg.keep_last,
+            rank=accelerator.process_index,
+            is_main=is_main,
+            barrier=accelerator.wait_for_everyone,
+        )
+
+    def evaluate() -> bool:
+        """Run eval_fn, track the best student; returns True when early stopping says stop."""
+        if eval_fn is None:
+            return False
+        module.eval()
+        with torch.no_grad():
+            metrics = {f"eval/{k}": float(v) for k, v in eval_fn(unwrapped.student).items()}
+        module.train()
+        log({"step": state["step"], "epoch": state["epoch"], **metrics})
+        if cfg.metric_for_best is None:
+            return False
+        key = f"eval/{cfg.metric_for_best}"
+        if key not in metrics:
+            raise KdistillError(f"metric_for_best {cfg.metric_for_best!r} is not among the metrics {sorted(metrics)}")
+        value, best = metrics[key], state["best_metric"]
+        improved = best is None or (value > best if cfg.greater_is_better else value < best)
+        if improved:
+            state.update(best_metric=value, best_step=state["step"], bad_evals=0)
+            if is_main:
+                _save_atomically(
+                    output_dir / "best", unwrapped.student, distiller, {"step": state["step"], key: value}
+                )
+        else:
+            state["bad_evals"] += 1
+        accelerator.wait_for_everyone()
+        patience = cfg.early_stopping_patience
+        return patience is not None and state["bad_evals"] >= patience
+
+    module.train()
+    stopped_early = False
+    running: dict[str, float] = {}
+    running_steps, window_start, examples_seen = 0, time.perf_counter(), 0.0
+    while state["step"] < total_steps and state["epoch"] < num_epochs and not stopped_early:
+        sampler.set_epoch(state["epoch"])
+        skip = state["batch_in_epoch"]
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        if hasattr(epoch_loader, "set_epoch"):  # accelerate re-sets the sampler's epoch from its own counter
+            epoch_loader.set_epoch(state["epoch"])
+        iterator = iter(epoch_loader)
+        while state["step"] < total_steps:
+            window = _window(iterator, cfg.gradient_accumulation_steps)
+            if not window:
+                break
+            counts = _global_counts(distiller, window, accelerator)
+            weights = (
+                distiller.objective.weights(state["step"], total_steps) if hasattr(distiller, "objective") else None
+            )
+            term_logs: dict[str, float] = {}
+            for index, batch in enumerate(window):
+                sync = index == len(window) - 1
+                context = contextlib.nullcontext() if sync else accelerator.no_sync(module)
+                with context:
+                    with accelerator.autocast():
+                        terms = distiller.compute_terms(module, batch, weights, state["step"], total_steps)
+                        loss = _combine(terms, weights, counts)
+                    accelerator.backward(loss * world)
+                for name, term in terms.items():
+                    term_logs[name] = term_logs.get(name, 0.0) + float(term.total.detach()) / max(
+                        counts[term.unit], 1.0
+                    )
+            if cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(distiller, "after_step"):
+                distiller.after_step()
+            state["step"] += 1
+            state["batch_in_epoch"] += len(window)
+            examples_seen += counts.get("examples", 0.0)
+            term_logs = _reduce_logs(term_logs, accelerator)
+            loss_value = sum(weights.get(name, 0.0) * value for name, value in term_logs.items()) if weights else 0.0
+            for name, value in {"loss": loss_value, **term_logs}.items():
+                running[name] = running.get(name, 0.0) + value
+            running_steps += 1
+            if progress is not None:
+                progress.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                record = {"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0]}
+                record.update({f"train/{k}": v / running_steps for k, v in running.items()})
+                record.update({f"weight/{k}": v for k, v in (weights or {}).items()})
+                record["samples_per_second"] = examples_seen / elapsed
+                log(record)
+                if progress is not None:
+                    progress.set_postfix(
+                        loss=f"{record['train/loss']:.4f}",
+                        lr=f"{record['lr']:.2e}",
+                        sps=f"{record['samples_per_second']:.1f}",
+                    )
+                running, running_steps, window_start, examples_seen = {}, 0, time.perf_counter(), 0.0
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and evaluate():
+                stopped_early = True
+            if cfg.save_every and state["step"] % cfg.save_every == 0:
+                checkpoint()
+            if stopped_early:
+                break
+        if stopped_early or (state["step"] >= total_steps and state["batch_in_epoch"] < len(loader)):
+            break
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        if not (cfg.eval_every and state["step"] % cfg.eval_every == 0) and evaluate():
+            stopped_early = True
+        if cfg.save_every:
+            checkpoint()
+    if progress is not None:
+        progress.close()
+
+    student_dir = output_dir / "student"
+    if is_main:
+        best_dir = output_dir / "best"
+        if cfg.load_best_at_end and cfg.metric_for_best and (best_dir / "student").is_dir():
+            _replace_dir(best_dir / "student", student_dir)
+            best_proj = best_dir / "projections.safetensors"
+            if best_proj.is_file():
+                _copy_atomically(best_proj, output_dir / "projections.safetensors")
+        else:
+            _save_atomically(output_dir, unwrapped.student, distiller, None, student_subdir="student")
+        summary = {
+            "global_step": state["step"],
+            "best_metric": state["best_metric"],
+            "best_step": state["best_step"],
+            "stopped_early": stopped_early,
+        }
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    if cfg.log_with:
+        accelerator.end_training()
+    return TrainResult(
+        output_dir, student_dir, state["step"], state["best_metric"], state["best_step"], history, stopped_early
+    )
+
+
+def _combine(
+    terms: Mapping[str, Any], weights: Mapping[str, float] | None, counts: Mapping[str, float]
+) -> torch.Tensor:
+    """Σ weight · (term sum / global count of its units) for one micro-batch."""
+    loss = None
+    for name, term in terms.items():
+        weight = 1.0 if weights is None else weights.get(name, 0.0)
+        if weight == 0.0:
+            continue
+        value = term.total * (weight / max(counts[term.unit], 1.0))
+        loss = value if loss is None else loss + value
+    if loss is None:
+        raise KdistillError("no loss term has a non-zero weight at this step")
+    return loss
+
+
+def _global_counts(distiller: Any, window: list[Any], accelerator: Any) -> dict[str, float]:
+    """Units of each kind in the whole optimizer step: summed over micro-batches, all-reduced over processes."""
+    totals: dict[str, float] = {}
+    for batch in window:
+        for unit, count in distiller.count_units(batch).items():
+            totals[unit] = totals.get(unit, 0.0) + count
+    if accelerator.num_processes > 1:
+        keys = sorted(totals)
+        tensor = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+        tensor = accelerator.reduce(tensor, reduction="sum")
+        totals = dict(zip(keys, tensor.tolist(), strict=True))
+    return totals
+
+
+def _reduce_logs(logs: dict[str, float], accelerator: Any) -> dict[str, float]:
+    """Each process holds its share of the global mean; the sum over processes is the mean of the step."""
+    if accelerator.num_processes == 1 or not logs:
+        return logs
+    keys = sorted(logs)
+    tensor = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    tensor = accelerator.reduce(tensor, reduction="sum")
+    return dict(zip(keys, tensor.tolist(), strict=True))
+
+
+def _save_atomically(
+    target_root: Path,
+    student: nn.Module,
+    distiller: Any,
+    info: dict[str, Any] | None,
+    student_subdir: str | None = None,
+) -> None:
+    """Save student (+ projections beside it) into ``target_root`` by writing a temp dir and renaming it in."""
+    from safetensors.torch import save_file
+
+    if student_subdir is None:
+        tmp = target_root.with_name(f".tmp-{target_root.name}")
+        if tmp.exists():
+            _rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_student(student, tmp / "student")
+        projections = distiller.projections_state() if hasattr(distiller, "projections_state") else {}
+        if projections:
+            save_file(projections, str(tmp / "projections.safetensors"))
+        if info is not None:
+            (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        _replace_dir(tmp, target_root)
+        return
+    tmp_student = target_root / f".tmp-{student_subdir}"
+    if tmp_student.exists():
+        _rmtree(tmp_student)
+    save_student(student, tmp_student)
+    _replace_dir(tmp_student, target_root / student_subdir)
+    projections = distiller.projections_state() if hasattr(distiller, "projections_state") else {}
+    if projections:
+        tmp_file = target_root / ".tmp-projections.safetensors"
+        save_file(projections, str(tmp_file))
+        tmp_file.replace(target_root / "projections.safetensors")
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, replacing it; a copy when ``source`` must stay (e.g. best/student)."""
+    import os
+    import shutil
+
+    if source.name.startswith(".tmp-"):
+        old = target.with_name(f".old-{target.name}")
+        if target.exists():
+            _rmtree(old)
+            os.replace(target, old)
+        os.replace(source, target)
+        _rmtree(old)
+        return
+    tmp = target.with_name(f".tmp-{target.name}")
+    _rmtree(tmp)
+    shutil.copytree(source, tmp)
+    _replace_dir(tmp, target)
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    import shutil
+
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
