@@ -21,8 +21,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_script(out: Path, *args: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), *args], env=ENV, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), *args], env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -41,8 +42,12 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
     run_script(reference, "--max-steps", "12")
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), str(interrupted), "--max-steps", "12", "--save-every",
-                                "2", "--sleep", "0.3"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(interrupted), "--max-steps", "12", "--save-every", "2", "--sleep", "0.3"],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
@@ -67,8 +72,9 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     (interrupted / "checkpoints" / ".tmp-step-00000099").mkdir(exist_ok=True)
     (interrupted / "checkpoints" / "step-00000098").mkdir(exist_ok=True)  # no trainer_state.json: incomplete
     run_script(interrupted, "--max-steps", "12", "--save-every", "2", "--resume")
-    assert_same_weights(load_file(str(reference / "rank-0.safetensors")),
-                        load_file(str(interrupted / "rank-0.safetensors")))  # fmt: skip
+    assert_same_weights(
+        load_file(str(reference / "rank-0.safetensors")), load_file(str(interrupted / "rank-0.safetensors"))
+    )
 
 
 def _free_port() -> int:
@@ -80,12 +86,31 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_cpu_processes_end_identical_and_normalize_globally(tmp_path):
     """Two gloo processes with 4 examples each equal one process with 8: the loss is normalized globally."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port()), str(SCRIPT)]  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+    ]
     out = tmp_path / "ddp"
-    done = subprocess.run([*launch, str(out), "--max-steps", "4", "--batch-size", "4"],
-                          env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [*launch, str(out), "--max-steps", "4", "--batch-size", "4"],
+        env={**ENV, "ACCELERATE_USE_CPU": "true"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     rank0, rank1 = load_file(str(out / "rank-0.safetensors")), load_file(str(out / "rank-1.safetensors"))
     assert_same_weights(rank0, rank1)

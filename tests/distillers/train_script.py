@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from support import teacher_and_student, toy_examples  # noqa: E402
+from support import teacher_and_student, toy_examples
 
-from kdistill.distillers import Distiller, Match, Objective  # noqa: E402
-from kdistill.training import TrainConfig, train  # noqa: E402
+from kdistill.distillers import Distiller, Match, Objective
+from kdistill.training import TrainConfig, train
 
 
 def main() -> None:
