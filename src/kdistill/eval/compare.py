@@ -1,0 +1,470 @@
+"""Teacher versus students on the same batches: quality, agreement, size and speed in one JSON-able result.
+
+::
+
+    result = compare_models(
+        ModelEntry("teacher", teacher, role="teacher"),
+        [ModelEntry("distilled", student), ModelEntry("baseline", baseline)],
+        batches,
+        view=SequenceView(),
+        task_metric=classification_accuracy,  # (per-batch logits lists, batches) -> {"accuracy": ...}
+        cka_layers={"distilled": [("layer 4", "layer 2")]},
+    )
+    print(format_compare_table(result))
+    write_compare(result, "runs/demo")  # compare.json + compare.md
+
+The result is ``{"teacher": name, "primary_metric": name | None, "settings": {...}, "models": [row, ...]}`` with
+the teacher's row first; each row holds ``name, role, path, params, size_bytes, compression, metrics,
+metric_kept_pct, agreement, mean_kl, latency_p50_ms, latency_p90_ms, latency_mean_ms, throughput, speedup, cka``.
+Values that cannot be computed (a ratio over 0) are None, never NaN, so the file is strict JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from kdistill.distillers.views import student_inputs, teacher_inputs
+from kdistill.errors import InvalidArgumentError, ShapeMismatchError
+from kdistill.eval.cka import layer_cka
+from kdistill.eval.speed import (
+    count_parameters,
+    evaluating,
+    measure_latency,
+    measure_throughput,
+    prepare_inputs,
+    size_on_disk,
+)
+from kdistill.losses import forward_kl
+
+__all__ = ["ModelEntry", "compare_markdown", "compare_models", "format_compare_table", "write_compare"]
+
+TaskMetric = Callable[[list[list[torch.Tensor]], list[dict]], Mapping[str, float]]
+
+# Metric names (substrings) where lower is better: "kept" is then teacher / student instead of student / teacher.
+_LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "nll", "error")
+
+
+class View(Protocol):
+    """What :func:`compare_models` needs of a task view (``SequenceView``, ``TokenView``, a QA view, ...)."""
+
+    def logits(self, outputs: Any) -> list[torch.Tensor]: ...
+
+    def kd_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None: ...
+
+
+@dataclass
+class ModelEntry:
+    """One model in a comparison.
+
+    Attributes:
+        name: its label in tables, plots and the ``cka_layers`` mapping; unique within a comparison.
+        model: the model itself.
+        path: where it is saved; its size is then the files under ``path``, otherwise its safetensors state.
+        role: ``"teacher"`` or ``"student"``; :func:`compare_models` takes roles from argument positions and rejects
+            a student entry marked ``"teacher"`` (swapped arguments).
+        inputs: which of a batch's inputs it reads, ``"student"`` or ``"teacher"``, for batches that carry
+            separate inputs per tokenizer; None follows the role.
+    """
+
+    name: str
+    model: nn.Module
+    path: str | None = None
+    role: Literal["teacher", "student"] = "student"
+    inputs: Literal["student", "teacher"] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidArgumentError(f"ModelEntry name must be a non-empty string, got {self.name!r}")
+        if self.role not in ("teacher", "student"):
+            raise InvalidArgumentError(
+                f"ModelEntry {self.name!r}: role must be 'teacher' or 'student', got {self.role!r}"
+            )
+        if self.inputs not in ("student", "teacher", None):
+            raise InvalidArgumentError(
+                f"ModelEntry {self.name!r}: inputs must be 'student', 'teacher' or None, got {self.inputs!r}"
+            )
+
+    def inputs_of(self, batch: Mapping[str, Any], role: str) -> Mapping[str, Any]:
+        """This model's inputs in ``batch`` (``role`` decides when :attr:`inputs` is None)."""
+        key = self.inputs or role
+        return teacher_inputs(batch) if key == "teacher" else student_inputs(batch)
+
+
+# ---------------------------------------------------------------- running the models
+
+
+def _forward_logits(entry: ModelEntry, role: str, batch: Mapping[str, Any], view: View) -> list[torch.Tensor]:
+    """The view's logits per head for one batch, detached on the CPU (call under :func:`evaluating`)."""
+    outputs = entry.model(**prepare_inputs(entry.model, entry.inputs_of(batch, role)))
+    return [logits.detach().cpu() for logits in view.logits(outputs)]
+
+
+class _Agreement:
+    """Running top-1 agreement and summed forward KL(teacher‖student) per head, over counted positions."""
+
+    def __init__(self, name: str, vocab_policy: str) -> None:
+        self.name = name
+        self.vocab_policy = vocab_policy
+        self.matches: list[float] = []
+        self.kl_sums: list[float] = []
+        self.counts: list[int] = []
+
+    def add(
+        self, index: int, t_heads: list[torch.Tensor], s_heads: list[torch.Tensor], mask: torch.Tensor | None
+    ) -> None:
+        if len(s_heads) != len(t_heads):
+            raise ShapeMismatchError(
+                f"model {self.name!r} has {len(s_heads)} logit heads but the teacher {len(t_heads)}"
+            )
+        if not self.counts:
+            self.matches, self.kl_sums, self.counts = [0.0] * len(t_heads), [0.0] * len(t_heads), [0] * len(t_heads)
+        for head, (t_logits, s_logits) in enumerate(zip(t_heads, s_heads, strict=True)):
+            positions = t_logits.shape[:-1]
+            if s_logits.shape[:-1] != positions:
+                raise ShapeMismatchError(
+                    f"batch {index}, head {head}: model {self.name!r} has logits {tuple(s_logits.shape)} but the "
+                    f"teacher {tuple(t_logits.shape)}; agreement and KL need the same positions (same tokenization)"
+                )
+            counted = torch.ones(positions, dtype=torch.bool) if mask is None else mask.bool().cpu()
+            if counted.shape != positions:
+                raise ShapeMismatchError(
+                    f"batch {index}, head {head}: the view's kd_mask has shape {tuple(counted.shape)} but the logits "
+                    f"{tuple(t_logits.shape)} need a mask of shape {tuple(positions)}"
+                )
+            agree = t_logits.argmax(-1) == s_logits.argmax(-1)  # (...) ids compared, whatever the vocabularies
+            self.matches[head] += float((agree & counted).sum())
+            self.counts[head] += int(counted.sum())
+            kl = forward_kl(s_logits, t_logits, counted, reduction="sum", vocab_policy=self.vocab_policy)
+            self.kl_sums[head] += float(kl)
+
+    def result(self) -> tuple[float | None, float | None]:
+        """(agreement, mean KL), each averaged over heads; None when no position counted."""
+        if not self.counts or min(self.counts) == 0:
+            return None, None
+        heads = len(self.counts)
+        agreement = sum(m / c for m, c in zip(self.matches, self.counts, strict=True)) / heads
+        mean_kl = sum(k / c for k, c in zip(self.kl_sums, self.counts, strict=True)) / heads
+        return agreement, mean_kl
+
+
+def _slice_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """The first ``size`` examples of a batch: tensors sliced on dim 0, nested input dicts likewise."""
+    sliced: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            sliced[key] = value[:size]
+        elif isinstance(value, Mapping):
+            sliced[key] = _slice_batch(value, size)
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            sliced[key] = type(value)(v[:size] for v in value)
+        else:
+            sliced[key] = value
+    return sliced
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def _kept_pct(metric: str, student_value: float | None, teacher_value: float | None) -> float | None:
+    lower_is_better = any(word in metric.lower() for word in _LOWER_IS_BETTER)
+    ratio = _ratio(teacher_value, student_value) if lower_is_better else _ratio(student_value, teacher_value)
+    return None if ratio is None else 100.0 * ratio
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN/inf floats turned into None, recursively: the result must be strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def compare_models(
+    teacher: ModelEntry,
+    students: Sequence[ModelEntry],
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    view: View,
+    task_metric: TaskMetric | None = None,
+    latency_batch: Mapping[str, Any] | None = None,
+    latency_batch_size: int = 1,
+    cka_layers: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    latency_repeats: int = 20,
+    vocab_policy: str = "error",
+) -> dict[str, Any]:
+    """Evaluate a teacher and its students on the same batches.
+
+    Args:
+        teacher: the reference model; its row comes first and every ratio is relative to it.
+        students: the models to compare with it (distilled, baseline, ...); names must be unique.
+        batches: evaluation batches (the same for every model; batches with separate ``"student"``/``"teacher"``
+            inputs feed each model by its entry's ``inputs``).
+        view: the task view: ``view.logits(outputs)`` gives the heads, ``view.kd_mask(batch)`` the counted positions.
+        task_metric: ``(per-batch logits lists, batches) -> {metric: value}``, called per model with, for each
+            batch, the list of its heads' logits (CPU tensors, e.g. ``(B, C)``); the first metric of the teacher's
+            result is the primary one (for "metric kept %").
+        latency_batch: the batch timed for latency; default: the first ``latency_batch_size`` examples of the first
+            batch.
+        latency_batch_size: examples in the default latency batch.
+        cka_layers: student name → ``(teacher spec, student spec)`` pairs for :func:`~kdistill.eval.cka.layer_cka`.
+        latency_repeats: timed forwards per model (after 3 warm-up forwards).
+        vocab_policy: passed to :func:`~kdistill.losses.forward_kl` when the vocabularies differ.
+
+    Returns:
+        A JSON-able dict (see the module docstring). ``agreement`` is the fraction of counted positions where
+        the model's top-1 class equals the teacher's (averaged over heads); ``mean_kl`` is KL(p_T‖p_S) at
+        temperature 1 in nats per counted position (averaged over heads); ``compression`` is teacher params /
+        params; ``speedup`` teacher p50 / p50; ``throughput`` examples per second over ``batches``.
+
+    Raises:
+        InvalidArgumentError: no batches, repeated names, bad sizes, or a ``cka_layers`` name that is not a student.
+        ShapeMismatchError: a model whose logits do not line up with the teacher's.
+    """
+    if not batches:
+        raise InvalidArgumentError("compare_models needs at least one batch, got none")
+    if int(latency_batch_size) != latency_batch_size or latency_batch_size < 1:
+        raise InvalidArgumentError(f"latency_batch_size must be an integer >= 1, got {latency_batch_size!r}")
+    entries = [teacher, *students]
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        raise InvalidArgumentError(f"model names must be unique, got {names}")
+    swapped = [entry.name for entry in students if entry.role == "teacher"]
+    if swapped:
+        raise InvalidArgumentError(f"students {swapped} have role='teacher'; pass the teacher as the first argument")
+    unknown = sorted(set(cka_layers or {}) - {entry.name for entry in students})
+    if unknown:
+        raise InvalidArgumentError(
+            f"cka_layers names {unknown}, which are not students; students: {[e.name for e in students]}"
+        )
+    timing_batch = latency_batch if latency_batch is not None else _slice_batch(batches[0], latency_batch_size)
+
+    # Quality: all models run batch by batch, so only one batch of logits is held unless task_metric needs them all.
+    roles = {entry.name: "teacher" if entry is teacher else "student" for entry in entries}
+    stored: dict[str, list[list[torch.Tensor]]] = {entry.name: [] for entry in entries}
+    agreements = {entry.name: _Agreement(entry.name, vocab_policy) for entry in students}
+    with contextlib.ExitStack() as stack:
+        for entry in entries:
+            stack.enter_context(evaluating(entry.model))
+        for index, batch in enumerate(batches):
+            teacher_heads = _forward_logits(teacher, "teacher", batch, view)
+            mask = view.kd_mask(batch)
+            if task_metric is not None:
+                stored[teacher.name].append(teacher_heads)
+            for entry in students:
+                heads = _forward_logits(entry, "student", batch, view)
+                agreements[entry.name].add(index, teacher_heads, heads, mask)
+                if task_metric is not None:
+                    stored[entry.name].append(heads)
+
+    rows: list[dict[str, Any]] = []
+    for entry in entries:
+        role = roles[entry.name]
+        agreement, mean_kl = (1.0, 0.0) if entry is teacher else agreements[entry.name].result()
+        metrics = dict(task_metric(stored.pop(entry.name), list(batches))) if task_metric is not None else {}
+        latency = measure_latency(entry.model, entry.inputs_of(timing_batch, role), repeats=latency_repeats)
+        throughput = measure_throughput(entry.model, [entry.inputs_of(batch, role) for batch in batches])
+        pairs = (cka_layers or {}).get(entry.name)
+        cka = None
+        if pairs:
+            values = layer_cka(
+                teacher.model,
+                entry.model,
+                batches,
+                list(pairs),
+                teacher_key=teacher.inputs or "teacher",
+                student_key=entry.inputs or "student",
+            )
+            cka = {f"{t}->{s}": value for (t, s), value in values.items()}
+        rows.append(
+            {
+                "name": entry.name,
+                "role": role,
+                "path": entry.path,
+                "params": count_parameters(entry.model),
+                "size_bytes": size_on_disk(entry.path, entry.model),
+                "metrics": {key: float(value) for key, value in metrics.items()},
+                "agreement": agreement,
+                "mean_kl": mean_kl,
+                "latency_p50_ms": latency["p50_ms"],
+                "latency_p90_ms": latency["p90_ms"],
+                "latency_mean_ms": latency["mean_ms"],
+                "throughput": throughput,
+                "cka": cka,
+            }
+        )
+
+    reference = rows[0]
+    primary = next(iter(reference["metrics"]), None)
+    for row in rows:
+        row["compression"] = _ratio(reference["params"], row["params"])
+        row["speedup"] = _ratio(reference["latency_p50_ms"], row["latency_p50_ms"])
+        row["metric_kept_pct"] = (
+            _kept_pct(primary, row["metrics"].get(primary), reference["metrics"].get(primary)) if primary else None
+        )
+    settings = {
+        "view": type(view).__name__,
+        "batches": len(batches),
+        "latency_batch_size": latency_batch_size if latency_batch is None else None,
+        "latency_repeats": latency_repeats,
+        "device": str(next(teacher.model.parameters(), torch.empty(0)).device),
+        "torch_threads": torch.get_num_threads(),
+    }
+    return _finite({"teacher": teacher.name, "primary_metric": primary, "settings": settings, "models": rows})
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _human_count(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:.1f}{suffix}"
+    return str(int(value))
+
+
+def _human_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for limit, suffix in ((1024**3, "GB"), (1024**2, "MB"), (1024, "KB")):
+        if value >= limit:
+            return f"{value / limit:.1f} {suffix}"
+    return f"{int(value)} B"
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if 0 < abs(value) < 10**-digits:  # a tiny KL would otherwise print as 0.0000
+        return f"{value:.1e}"
+    return f"{value:.{digits}f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _metric_names(result: Mapping[str, Any]) -> list[str]:
+    names: list[str] = []
+    for row in result.get("models", []):
+        for key in row.get("metrics") or {}:
+            if key not in names:
+                names.append(key)
+    return names
+
+
+def compare_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison as a header and text cells, one row per model (shared by the text, markdown and HTML tables)."""
+    metrics = _metric_names(result)
+    header = ["model", "role", "params", "size", "compression", *metrics, "kept", "agreement", "mean KL"]
+    header += ["p50 ms", "p90 ms", "examples/s", "speed-up"]
+    cells: list[list[str]] = []
+    for row in result.get("models", []):
+        values = row.get("metrics") or {}
+        kept = row.get("metric_kept_pct")
+        cells.append(
+            [
+                str(row.get("name", "?")),
+                str(row.get("role", "")),
+                _human_count(row.get("params")),
+                _human_bytes(row.get("size_bytes")),
+                _times(row.get("compression")),
+                *[_number(values.get(name)) for name in metrics],
+                "-" if kept is None else f"{kept:.1f}%",
+                _number(row.get("agreement")),
+                _number(row.get("mean_kl")),
+                _number(row.get("latency_p50_ms"), 2),
+                _number(row.get("latency_p90_ms"), 2),
+                "-" if row.get("throughput") is None else f"{row['throughput']:.1f}",
+                _times(row.get("speedup")),
+            ]
+        )
+    return header, cells
+
+
+def format_compare_table(result: Mapping[str, Any]) -> str:
+    """An aligned plain-text table of a :func:`compare_models` result (what the CLI prints)."""
+    header, cells = compare_rows(result)
+    widths = [max(len(text) for text in column) for column in zip(header, *cells, strict=True)]
+
+    def line(texts: list[str]) -> str:
+        first = texts[0].ljust(widths[0])  # names left, numbers right
+        rest = [text.rjust(width) for text, width in zip(texts[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    separator = "  ".join("-" * width for width in widths)
+    return "\n".join([line(header), separator, *(line(row) for row in cells)])
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _cka_markdown(result: Mapping[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for row in result.get("models", []):
+        if not row.get("cka"):
+            continue
+        lines += ["", f"CKA with the teacher, {row['name']}:", "", "| teacher -> student | CKA |", "|---|---:|"]
+        lines += [f"| {_md_cell(pair)} | {_number(value)} |" for pair, value in row["cka"].items()]
+    return lines
+
+
+def compare_markdown(result: Mapping[str, Any]) -> str:
+    """A markdown table of a :func:`compare_models` result, followed by each student's CKA values."""
+    header, cells = compare_rows(result)
+    header = [_md_cell(text) for text in header]
+    cells = [[_md_cell(text) for text in row] for row in cells]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---", ":---", *["---:"] * (len(header) - 2)]) + "|",
+        *("| " + " | ".join(row) + " |" for row in cells),
+    ]
+    return "\n".join(lines + _cka_markdown(result)) + "\n"
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_compare(result: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
+    """Write ``compare.json`` (the result, strict JSON) and ``compare.md`` (its markdown table) into ``directory``.
+
+    Both are written atomically (temporary file, then ``os.replace``), so a reader never sees half a file.
+
+    Returns:
+        The paths of ``compare.json`` and ``compare.md``.
+    """
+    directory = Path(directory)
+    json_path = atomic_write_text(directory / "compare.json", json.dumps(_finite(result), indent=2, allow_nan=False))
+    md_path = atomic_write_text(directory / "compare.md", "# Teacher vs students\n\n" + compare_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,223 @@
+"""How fast and how big a model is: latency, throughput, parameter count and size on disk.
+
+Every measurement runs the model in eval mode under ``torch.no_grad()`` (its previous mode is restored after),
+times with :func:`time.perf_counter` and, on CUDA, synchronizes the device around each timed forward. Latency is per
+batch, in milliseconds; on a CPU shared with other processes expect noise of a few percent, so compare p50s measured
+in one run rather than numbers from different runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.distillers.core import model_inputs
+from kdistill.errors import InvalidArgumentError
+
+__all__ = [
+    "count_parameters",
+    "evaluating",
+    "measure_latency",
+    "measure_throughput",
+    "prepare_inputs",
+    "size_on_disk",
+]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def prepare_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``inputs`` that ``model.forward`` takes (labels dropped), moved to the model's device.
+
+    Args:
+        model: the model to run.
+        inputs: a batch's inputs for this model (``input_ids`` ``(B, T)``, ``attention_mask`` ``(B, T)``, ...).
+
+    Returns:
+        Keyword arguments for ``model(**kwargs)``.
+    """
+    device = _model_device(model)
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value
+        for key, value in model_inputs(model, inputs).items()
+    }
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and ``torch.no_grad()`` for the block; the model's previous train/eval mode is restored on exit."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    if int(threads) != threads or threads < 1:
+        raise InvalidArgumentError(f"threads must be a positive integer or None, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (NumPy's default), ``q`` in [0, 100]."""
+    rank = (len(sorted_values) - 1) * q / 100.0
+    low = int(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    if int(value) != value or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def measure_latency(
+    model: nn.Module,
+    example_batch: Mapping[str, Any],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """Time ``repeats`` forwards of one batch after ``warmup`` untimed ones.
+
+    Args:
+        model: the model; run in eval mode without gradients, its mode restored after.
+        example_batch: the model's inputs (filtered by :func:`prepare_inputs`, so labels may stay in).
+        warmup: untimed forwards first (allocator, lazy initialization, caches).
+        repeats: timed forwards, >= 1.
+        threads: CPU threads for the measurement (``torch.set_num_threads``, restored after); None keeps the
+            current setting.
+
+    Returns:
+        ``{"p50_ms", "p90_ms", "mean_ms", "min_ms"}`` per batch forward, and ``"repeats"``.
+    """
+    _check_count("warmup", warmup, 0)
+    _check_count("repeats", repeats, 1)
+    device = _model_device(model)
+    inputs = prepare_inputs(model, example_batch)
+    timings_ms: list[float] = []
+    with _torch_threads(threads), evaluating(model):
+        for _ in range(warmup):
+            model(**inputs)
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            model(**inputs)
+            _synchronize(device)
+            timings_ms.append((time.perf_counter() - start) * 1000.0)
+    timings_ms.sort()
+    return {
+        "p50_ms": _percentile(timings_ms, 50),
+        "p90_ms": _percentile(timings_ms, 90),
+        "mean_ms": sum(timings_ms) / len(timings_ms),
+        "min_ms": timings_ms[0],
+        "repeats": float(repeats),
+    }
+
+
+def _batch_size(inputs: Mapping[str, Any]) -> int:
+    for key in ("input_ids", "attention_mask", "inputs_embeds"):
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    raise InvalidArgumentError(f"cannot tell the batch size: the inputs hold no tensor (keys: {sorted(inputs)})")
+
+
+def measure_throughput(model: nn.Module, batches: Sequence[Mapping[str, Any]], warmup: int = 1) -> float:
+    """Examples per second over one timed pass through ``batches``, after ``warmup`` untimed forwards of the first.
+
+    Args:
+        model: the model; run in eval mode without gradients, its mode restored after.
+        batches: the model's inputs per batch; the batch size is read from ``input_ids`` (or the first tensor).
+        warmup: untimed forwards of the first batch.
+
+    Returns:
+        Examples per second (a float).
+    """
+    _check_count("warmup", warmup, 0)
+    if not batches:
+        raise InvalidArgumentError("measure_throughput needs at least one batch, got none")
+    device = _model_device(model)
+    prepared = [prepare_inputs(model, batch) for batch in batches]
+    examples = sum(_batch_size(inputs) for inputs in prepared)
+    with evaluating(model):
+        for _ in range(warmup):
+            model(**prepared[0])
+        _synchronize(device)
+        start = time.perf_counter()
+        for inputs in prepared:
+            model(**inputs)
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+    return examples / max(elapsed, 1e-9)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or frozen; a tensor shared by several modules (tied embeddings) counts once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def size_on_disk(path: str | Path | None = None, model: nn.Module | None = None) -> int:
+    """Bytes a model takes on disk.
+
+    Args:
+        path: a saved model: a directory (every file under it, recursively, is counted) or a single file.
+        model: used when ``path`` is None: the size of its state dict serialized as safetensors
+            (``safetensors.torch.save_model``, which stores tied weights once), written to a temporary file.
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        InvalidArgumentError: ``path`` does not exist, or neither ``path`` nor ``model`` is given.
+    """
+    if path is not None:
+        target = Path(path)
+        if target.is_file():
+            return target.stat().st_size
+        if not target.is_dir():
+            raise InvalidArgumentError(f"size_on_disk: path {str(target)!r} does not exist")
+        return sum(file.stat().st_size for file in target.rglob("*") if file.is_file())
+    if model is None:
+        raise InvalidArgumentError("size_on_disk needs a path or a model, got neither")
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="kdistill-size-") as directory:
+        file = os.path.join(directory, "model.safetensors")
+        save_model(model, file, force_contiguous=True)
+        return os.path.getsize(file)
