@@ -1,0 +1,32 @@
+"""Tasks: how rows become examples, which logits and labels a model has, and how predictions are scored.
+
+``TASKS`` maps a task name (as configs write it) to its class::
+
+    task = TASKS.get("sequence")(text_column="sentence").with_label_names(splits["train"])
+    examples = task.preprocess(splits["train"], tokenizer=tokenizer, max_length=128)
+"""
+
+from kdistill.registry import Registry
+from kdistill.tasks.base import Task, evaluate_task, make_batches, predict_logits
+from kdistill.tasks.classification import SequenceClassificationTask
+from kdistill.tasks.qa import QAView, QuestionAnsweringTask
+from kdistill.tasks.token import TokenClassificationTask, align_labels, read_conll
+
+TASKS: Registry[type] = Registry("task")
+TASKS.register("sequence", SequenceClassificationTask, aliases=("classification", "sequence_classification"))
+TASKS.register("token", TokenClassificationTask, aliases=("ner", "token_classification"))
+TASKS.register("qa", QuestionAnsweringTask, aliases=("question_answering", "squad"))
+
+__all__ = [
+    "TASKS",
+    "QAView",
+    "QuestionAnsweringTask",
+    "SequenceClassificationTask",
+    "Task",
+    "TokenClassificationTask",
+    "align_labels",
+    "evaluate_task",
+    "make_batches",
+    "predict_logits",
+    "read_conll",
+]

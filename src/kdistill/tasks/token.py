@@ -1,0 +1,423 @@
+"""Token classification (NER, chunking): word-level BIO tags, aligned to the tokenizer's pieces.
+
+Each word's first piece carries the word's tag; its other pieces and the special tokens carry ``-100`` (no hard
+loss), while knowledge distillation counts every real token (:class:`~kdistill.distillers.views.TokenView`).
+Metrics are entity-level precision, recall and F1 over whole words; a word cut off by truncation is predicted
+``"O"``.
+
+A word-level student with its own vocabulary (a BiLSTM over a :class:`~kdistill.data.word_tokenizer.WordTokenizer`)
+learns from a subword teacher word by word: each example carries both tokenizations, and the teacher, wrapped in
+:class:`FirstPieceLogits` (see :meth:`TokenClassificationTask.adapt_teacher`), is read at each word's first piece,
+so both sides give logits ``(B, W, C)`` over the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import TokenClassifierOutput
+
+from kdistill.data.collate import PadCollator
+from kdistill.data.word_tokenizer import WordTokenizer
+from kdistill.distillers.views import TokenView
+from kdistill.errors import InvalidArgumentError, KdistillError
+from kdistill.tasks.base import (
+    IGNORE_INDEX,
+    chunks,
+    column_values,
+    evaluate_task,
+    label_to_id,
+    predict_logits,
+    require_fast,
+    resolve_label_names,
+    rows_of,
+    token_inputs,
+    tokenizers_differ,
+)
+
+if TYPE_CHECKING:
+    import datasets
+
+OUTSIDE_TAG = "O"
+
+
+@dataclass(frozen=True)
+class TokenClassificationTask:
+    """Words with one tag each → a tag per word. Metrics: entity ``precision``/``recall``/``f1``, word ``accuracy``.
+
+    Args:
+        tokens_column: the words of each row (a list of strings).
+        tags_column: one tag per word: names (``"B-PER"``) or ids into ``label_names``.
+        label_names: the tags in id order; None infers them (see :meth:`with_label_names`). Scoring needs them.
+    """
+
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    label_names: tuple[str, ...] | None = None
+    name: str = "token"
+
+    @property
+    def view(self) -> TokenView:
+        """Logits ``(B, T, C)``, labels ``(B, T)``; KD over every real token."""
+        return TokenView()
+
+    @property
+    def collate(self) -> TokenCollator:
+        """Pads ``input_ids`` and ``labels`` (with ``-100``) to the longest example (word-aligned pairs too)."""
+        return TokenCollator()
+
+    @property
+    def auto_model_class(self) -> type:
+        from transformers import AutoModelForTokenClassification
+
+        return AutoModelForTokenClassification
+
+    @property
+    def num_labels(self) -> int:
+        """The number of tags (needs ``label_names``)."""
+        if self.label_names is None:
+            raise InvalidArgumentError("the task's label_names are unknown; call with_label_names(dataset) first")
+        return len(self.label_names)
+
+    def with_label_names(self, dataset: Any, label_names: Sequence[str] | None = None) -> TokenClassificationTask:
+        """A copy with the tag set fixed: ``label_names``, the task's own, the ``ClassLabel`` names, or the data's."""
+        names = label_names if label_names is not None else self.label_names
+        return dataclasses.replace(
+            self, label_names=resolve_label_names(dataset, self.tags_column, names, per_token=True)
+        )
+
+    def preprocess(
+        self,
+        dataset: Any,
+        *,
+        tokenizer: Any,
+        teacher_tokenizer: Any = None,
+        max_length: int | None = 128,
+        label_names: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Tokenize each row's words into ``{"input_ids", ["token_type_ids"], "labels": [...], "example_id",
+        "labelled_words"}``.
+
+        ``labels`` has one entry per token: the word's tag id on its first piece, ``-100`` elsewhere;
+        ``labelled_words[k]`` is the word index of the ``k``-th token whose label is not ``-100`` (words lost to
+        truncation, that tokenize to nothing, or whose tag is None have none).
+
+        With a ``WordTokenizer`` student and another ``teacher_tokenizer``, examples are word-aligned:
+        ``{"student": {"input_ids"}, "teacher": {"input_ids", ["token_type_ids"], "word_starts"}, "labels",
+        "example_id", "labelled_words"}`` with one student token, one label and one teacher first-piece index
+        (``word_starts``) per kept word (a word is kept when the teacher's truncation keeps a piece of it).
+
+        Args:
+            dataset: a ``datasets.Dataset`` or a list of row dicts.
+            tokenizer: a fast Hugging Face tokenizer (it must give ``word_ids``) or a ``WordTokenizer``.
+            teacher_tokenizer: None, the same tokenizer, or (with a ``WordTokenizer`` student) the teacher's fast
+                tokenizer.
+            max_length: truncation length in tokens.
+            label_names: override of the task's tag set.
+
+        Raises:
+            InvalidArgumentError: a row whose words and tags differ in number, a tag outside the tag set (naming
+                it, the row and the set), a slow tokenizer, or two different subword tokenizers.
+        """
+        word_aligned = tokenizers_differ(tokenizer, teacher_tokenizer)
+        if word_aligned and not isinstance(tokenizer, WordTokenizer):
+            raise InvalidArgumentError(
+                "token classification with two tokenizers needs a word-level student (a WordTokenizer), whose "
+                "logits are compared with the teacher's at each word's first piece; a subword student must share "
+                "the teacher's tokenizer (pass teacher_tokenizer=None)"
+            )
+        require_fast(tokenizer, "token classification")
+        if word_aligned:
+            require_fast(teacher_tokenizer, "token classification (the teacher's tokenizer)")
+        names = resolve_label_names(dataset, self.tags_column, label_names or self.label_names, per_token=True)
+        index_of = {label: i for i, label in enumerate(names)}
+        words_per_row = column_values(dataset, self.tokens_column)
+        tags_per_row = column_values(dataset, self.tags_column)
+        tag_ids: list[list[int]] = []
+        for row, (words, tags) in enumerate(zip(words_per_row, tags_per_row, strict=True)):
+            if len(words) != len(tags):
+                raise InvalidArgumentError(
+                    f"row {row} has {len(words)} words ({self.tokens_column!r}) but {len(tags)} tags "
+                    f"({self.tags_column!r})"
+                )
+            tag_ids.append([label_to_id(tag, index_of, row, self.tags_column) for tag in tags])
+        examples: list[dict[str, Any]] = []
+        truncate = max_length is not None
+        for span in chunks(len(words_per_row)):
+            batch_words = [list(words) for words in words_per_row[span.start : span.stop]]
+            if word_aligned:
+                encoding = teacher_tokenizer(
+                    batch_words, is_split_into_words=True, truncation=truncate, max_length=max_length
+                )
+                for offset, row in enumerate(span):
+                    examples.append(
+                        _word_aligned_example(encoding, offset, row, batch_words[offset], tag_ids[row], tokenizer)
+                    )
+                continue
+            encoding = tokenizer(batch_words, is_split_into_words=True, truncation=truncate, max_length=max_length)
+            for offset, row in enumerate(span):
+                labels, labelled_words = align_labels(encoding.word_ids(offset), tag_ids[row])
+                example = token_inputs(encoding, offset)
+                example.update(labels=labels, example_id=row, labelled_words=labelled_words)
+                examples.append(example)
+        return examples
+
+    def adapt_teacher(self, teacher: nn.Module, *, tokenizer: Any, teacher_tokenizer: Any = None) -> nn.Module:
+        """The teacher as the distiller runs it: wrapped in :class:`FirstPieceLogits` when the examples are
+        word-aligned (a ``WordTokenizer`` student with another teacher tokenizer), else the teacher itself."""
+        if tokenizers_differ(tokenizer, teacher_tokenizer) and not isinstance(teacher, FirstPieceLogits):
+            return FirstPieceLogits(teacher)
+        return teacher
+
+    def predict(
+        self, model: nn.Module, batches: Sequence[Mapping[str, Any]], *, inputs: str = "student"
+    ) -> list[list[torch.Tensor]]:
+        """Logits ``[(B, T, C)]`` per batch (eval mode, no gradients); a teacher reading word-aligned batches is
+        read at first pieces, ``(B, W, C)``."""
+        word_aligned = inputs == "teacher" and any("word_starts" in batch.get("teacher", {}) for batch in batches)
+        if word_aligned and not isinstance(model, FirstPieceLogits):
+            model = FirstPieceLogits(model)
+        return predict_logits(model, batches, self.view, inputs=inputs)
+
+    def word_predictions(
+        self,
+        logits_per_batch: Sequence[Sequence[torch.Tensor]],
+        batches: Sequence[Mapping[str, Any]],
+    ) -> dict[int, dict[int, int]]:
+        """example_id → {word index → predicted tag id}, read at each word's first piece."""
+        predicted: dict[int, dict[int, int]] = {}
+        for logits, batch in zip(logits_per_batch, batches, strict=True):
+            labels = torch.as_tensor(batch["labels"]).cpu()
+            tag_ids = logits[0].argmax(-1)  # (B, T)
+            for row, example_id in enumerate(rows_of(batch)):
+                positions = (labels[row] != IGNORE_INDEX).nonzero().squeeze(-1)  # (labelled tokens,)
+                words = batch["labelled_words"][row]
+                predicted[example_id] = dict(zip(words, tag_ids[row, positions].tolist(), strict=True))
+        return predicted
+
+    def compute_metrics(
+        self,
+        logits_per_batch: Sequence[Sequence[torch.Tensor]],
+        batches: Sequence[Mapping[str, Any]],
+        examples_meta: Any = None,
+    ) -> dict[str, float]:
+        """Entity-level ``precision``, ``recall``, ``f1`` and word-level ``accuracy`` (fractions in [0, 1]).
+
+        Args:
+            logits_per_batch: per batch, the one head's logits ``(B, T, C)``.
+            batches: the batches the logits came from.
+            examples_meta: the source rows (the dataset given to :meth:`preprocess`): their tags are the gold,
+                words lost to truncation included. None takes the gold from the batches' labels.
+        """
+        from kdistill.eval.metrics import entity_f1
+
+        if self.label_names is None:
+            raise InvalidArgumentError("scoring needs the task's label_names; call with_label_names(dataset) first")
+        names = self.label_names
+        index_of = {label: i for i, label in enumerate(names)}
+        predicted = self.word_predictions(logits_per_batch, batches)
+        gold_from_batches = _gold_from_batches(batches) if examples_meta is None else {}
+        true_tags: list[list[str]] = []
+        pred_tags: list[list[str]] = []
+        for example_id in sorted(predicted):
+            if examples_meta is None:
+                gold_ids = gold_from_batches[example_id]
+            else:
+                tags = examples_meta[example_id][self.tags_column]
+                gold_ids = [label_to_id(tag, index_of, example_id, self.tags_column) for tag in tags]
+            gold = [names[i] if i != IGNORE_INDEX else OUTSIDE_TAG for i in gold_ids]
+            words = predicted[example_id]
+            true_tags.append(gold)
+            pred_tags.append([names[words[w]] if w in words else OUTSIDE_TAG for w in range(len(gold))])
+        if not true_tags:
+            raise InvalidArgumentError("there are no rows to score")
+        scores = entity_f1(true_tags, pred_tags)
+        pairs = [
+            (t, p) for gold, pred in zip(true_tags, pred_tags, strict=True) for t, p in zip(gold, pred, strict=True)
+        ]
+        return {
+            "precision": float(scores["precision"]),
+            "recall": float(scores["recall"]),
+            "f1": float(scores["f1"]),
+            "accuracy": sum(t == p for t, p in pairs) / max(len(pairs), 1),
+        }
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        examples: Sequence[Mapping[str, Any]],
+        examples_meta: Any = None,
+        *,
+        batch_size: int = 32,
+    ) -> dict[str, float]:
+        """Batch, predict and score ``examples`` (from :meth:`preprocess`)."""
+        return evaluate_task(self, model, examples, examples_meta, batch_size=batch_size)
+
+
+def align_labels(word_ids: Sequence[int | None], word_tags: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Word tags → token labels: the first piece of each word gets its tag, other pieces and specials ``-100``.
+
+    Args:
+        word_ids: the word of each token (None for special tokens), as a fast tokenizer's ``word_ids()``.
+        word_tags: the tag id of each word.
+
+    Returns:
+        ``(labels, labelled_words)``: a label per token, and the word index of each labelled token.
+    """
+    labels: list[int] = []
+    labelled_words: list[int] = []
+    previous: int | None = None
+    for word in word_ids:
+        if word is None or word == previous:
+            labels.append(IGNORE_INDEX)
+        else:
+            labels.append(word_tags[word])
+            if word_tags[word] != IGNORE_INDEX:
+                labelled_words.append(word)
+        previous = word
+    return labels, labelled_words
+
+
+def _word_aligned_example(
+    teacher_encoding: Any, offset: int, row: int, words: list[str], word_tags: list[int], tokenizer: WordTokenizer
+) -> dict[str, Any]:
+    first_piece: dict[int, int] = {}
+    for position, word in enumerate(teacher_encoding.word_ids(offset)):
+        if word is not None and word not in first_piece:
+            first_piece[word] = position
+    kept = [word for word in range(len(words)) if word in first_piece]
+    teacher = token_inputs(teacher_encoding, offset)
+    teacher["word_starts"] = [first_piece[word] for word in kept]
+    student = {"input_ids": list(tokenizer([words[w] for w in kept], is_split_into_words=True)["input_ids"])}
+    return {
+        "student": student,
+        "teacher": teacher,
+        "labels": [word_tags[word] for word in kept],
+        "example_id": row,
+        "labelled_words": [word for word in kept if word_tags[word] != IGNORE_INDEX],
+    }
+
+
+class FirstPieceLogits(nn.Module):
+    """A subword token classifier read at each word's first piece, for word-level students.
+
+    Its forward takes the model's inputs plus ``word_starts`` ``(B, W)`` (the first piece of each word, any value
+    where the word is padding) and returns ``logits`` ``(B, W, C)``; without ``word_starts`` it returns the model's
+    outputs. The wrapped model is ``self.model``, so feature paths gain the prefix ``model.``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = getattr(model, "config", None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        word_starts: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+    ) -> Any:
+        from kdistill.distillers.core import model_inputs
+
+        given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        if output_attentions:
+            given["output_attentions"] = True
+        outputs = self.model(**model_inputs(self.model, {k: v for k, v in given.items() if v is not None}))
+        if word_starts is None:
+            return outputs
+        logits = outputs.logits  # (B, T, C)
+        index = word_starts.to(logits.device).long().unsqueeze(-1).expand(-1, -1, logits.shape[-1])  # (B, W, C)
+        return TokenClassifierOutput(
+            logits=logits.gather(1, index),  # (B, W, C)
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+
+@dataclass(frozen=True)
+class TokenCollator:
+    """:class:`PadCollator` for plain examples; for word-aligned ones it pads the student's ids, the labels and the
+    teacher's ``word_starts`` to the student's length ``W`` and the teacher's ids to its own length."""
+
+    pad_id: int = 0
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        pad = PadCollator(pad_id=self.pad_id)
+        if not examples or "student" not in examples[0]:
+            return pad(examples)
+        student = pad([e["student"] for e in examples])
+        teacher = pad([{k: v for k, v in e["teacher"].items() if k != "word_starts"} for e in examples])
+        length = student["input_ids"].shape[1]
+        teacher["word_starts"] = _pad_rows([e["teacher"]["word_starts"] for e in examples], length, 0)
+        return {
+            "student": student,
+            "teacher": teacher,
+            "labels": _pad_rows([e["labels"] for e in examples], length, IGNORE_INDEX),
+            "example_id": torch.tensor([e["example_id"] for e in examples]),
+            "labelled_words": [list(e["labelled_words"]) for e in examples],
+        }
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), value, dtype=torch.long)  # (B, W)
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
+def _gold_from_batches(batches: Sequence[Mapping[str, Any]]) -> dict[int, list[int]]:
+    gold: dict[int, list[int]] = {}
+    for batch in batches:
+        labels = torch.as_tensor(batch["labels"]).cpu()
+        for row, example_id in enumerate(rows_of(batch)):
+            ids = labels[row][labels[row] != IGNORE_INDEX].tolist()
+            words = batch["labelled_words"][row]
+            by_word = dict(zip(words, ids, strict=True))
+            gold[example_id] = [by_word.get(w, IGNORE_INDEX) for w in range(max(words, default=-1) + 1)]
+    return gold
+
+
+def read_conll(path: str | Path, *, tokens_column: str = "tokens", tags_column: str = "tags") -> datasets.Dataset:
+    """Read a CoNLL-style BIO file into a ``datasets.Dataset`` with a list of words and a list of tags per row.
+
+    One token per line, the word first and the tag last (tab- or space-separated; middle columns such as POS tags
+    are skipped); a blank line ends a sentence; ``-DOCSTART-`` lines are skipped.
+
+    Raises:
+        KdistillError: a missing file, or a line with a word but no tag (naming the file and line number).
+    """
+    import datasets
+
+    file = Path(path)
+    if not file.is_file():
+        raise KdistillError(f"the CoNLL file does not exist: {file}")
+    sentences: list[list[str]] = []
+    tags: list[list[str]] = []
+    words: list[str] = []
+    sentence_tags: list[str] = []
+    with file.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+            fields = [field.strip() for field in fields if field.strip()]
+            if not fields or fields[0] == "-DOCSTART-":
+                if words:
+                    sentences.append(words)
+                    tags.append(sentence_tags)
+                words, sentence_tags = [], []
+                continue
+            if len(fields) < 2:
+                raise KdistillError(f"{file}:{number}: expected a word and a tag, got {line.strip()!r}")
+            words.append(fields[0])
+            sentence_tags.append(fields[-1])
+    if words:
+        sentences.append(words)
+        tags.append(sentence_tags)
+    return datasets.Dataset.from_dict({tokens_column: sentences, tags_column: tags})
