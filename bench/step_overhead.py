@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
-from _results import machine_line, write_section
 from transformers import BertConfig, BertForSequenceClassification
 
+from _results import machine_line, write_section
 from kdistill.distillers import Distiller, Match, Objective
 from kdistill.losses import token_cross_entropy
 from kdistill.training.loop import _combine

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from kdistill.cli import main
-from kdistill.demo import DemoConfig, format_results, run_demo
+from kdistill.demo import run_demo
 from kdistill.losses import LOSSES
 
 
@@ -30,19 +30,21 @@ def test_console_script_is_installed():
 
 
 @pytest.mark.slow
-def test_demo_trains_teacher_and_students_on_real_tweets(tmp_path):
-    cfg = DemoConfig(buckets=2**12, teacher_dim=32, student_dim=4, epochs=1, batch_size=256)
-    results = run_demo(tmp_path / "demo", cfg)
-    written = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert written["models"] == results["models"]
-    assert written["train_examples"] + written["test_examples"] == 38158
-    models = written["models"]
-    assert set(models) == {"teacher", "student (labels only)", "student (distilled)"}
-    majority_rate = 16186 / 38158  # "negative" is the largest class
-    for row in models.values():
-        assert row["accuracy"] > majority_rate + 0.05
-    assert models["teacher"]["agreement_with_teacher"] == 1.0
-    assert models["student (distilled)"]["compression"] > 4
-    assert models["student (distilled)"]["params"] == models["student (labels only)"]["params"]
-    table = format_results(results)
-    assert "student (distilled)" in table and "accuracy" in table
+def test_quick_demo_runs_offline_end_to_end(tmp_path, capsys):
+    """The demo's whole path on the real MiniLM and the real tweets, with tiny step counts."""
+    result = run_demo(tmp_path / "demo", quick=True, cache_dir=str(tmp_path / "cache"))
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "demo" / "compare.json").read_text())
+    names = [row["name"] for row in written["models"]]
+    assert names == ["teacher (MiniLM-L6)", "student-2l-distilled", "student-2l-baseline", "bilstm-distilled"]
+    rows = {row["name"]: row for row in written["models"]}
+    assert rows["student-2l-distilled"]["params"] < rows["teacher (MiniLM-L6)"]["params"]
+    assert rows["student-2l-distilled"]["cka"] and rows["bilstm-distilled"]["latency_p50_ms"] > 0
+    assert "student-2l-baseline" in out and "report:" in out
+    assert (tmp_path / "demo" / "report.html").is_file()
+    for name in ("student-2l-distilled", "student-2l-baseline", "bilstm-distilled"):
+        assert json.loads((tmp_path / "demo" / name / "run.json").read_text())["status"] == "complete"
+    assert result["demo"]["quick"] is True
+    # a second run keeps the finished runs and the cached teacher
+    run_demo(tmp_path / "demo", quick=True, cache_dir=str(tmp_path / "cache"))
+    assert capsys.readouterr().out.count("already complete, kept") == 3

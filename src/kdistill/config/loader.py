@@ -20,7 +20,7 @@ class ConfigError(KdistillError, ValueError):
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
-    """``["training.learning_rate=3e-5", "distill.layer_map=[[4,2]]"]`` → ``[(["training", "learning_rate"], 3e-5), ...]``.
+    """Parse dotted overrides: ``["training.learning_rate=3e-5"]`` → ``[(["training", "learning_rate"], 3e-5)]``.
 
     Values are read as YAML scalars/lists (``3e-5``, ``true``, ``null``, ``[0, 5]``); anything else stays a string.
     """

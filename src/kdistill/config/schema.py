@@ -56,7 +56,7 @@ class TeacherConfig(Strict):
 
     path: str  # local directory, hub id, or "packaged:all-MiniLM-L6-v2"
     fine_tune: bool = False  # train a task head (and the body) on the training data before distilling
-    fine_tune_training: dict[str, Any] = Field(default_factory=dict)  # training overrides for the fine-tuning
+    fine_tune_training: dict[str, Any] = Field(default_factory=dict)  # the fine-tuning's training settings
     cache_dir: str | None = None  # where a fine-tuned teacher is kept so reruns skip it
 
 

