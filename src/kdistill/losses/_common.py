@@ -50,7 +50,12 @@ def check_temperature(temperature: float | torch.Tensor, leading_shape: torch.Si
         ):
             raise InvalidArgumentError("temperature tensor must hold finite floating-point values > 0")
         return
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise InvalidArgumentError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
@@ -59,6 +64,8 @@ def scale_rows(rows: torch.Tensor, temperature: float | torch.Tensor, mask: torc
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         per_row = select_counted(temperature, mask, trailing_dims=0).to(rows.dtype)  # (n_counted,)
         return rows / per_row[:, None]
+    if not isinstance(temperature, torch.Tensor) and temperature == 1:
+        return rows  # no (rows, V) copy, and no division in the backward
     return rows / temperature
 
 

@@ -68,7 +68,7 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) per row from log-probabilities; terms with p = 0 are 0 (and get no NaN gradient)."""
     p = log_p.exp()
     support = p > 0
-    diff = torch.where(support, log_p - log_q, torch.zeros_like(log_p))
+    diff = torch.where(support, log_p - log_q, 0.0)
     return (p * diff).sum(-1)
 
 
@@ -79,10 +79,10 @@ def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     if weight_a == 1.0:
         return log_a
     both_zero = (log_a == _NEG_INF) & (log_b == _NEG_INF)
-    safe_a = torch.where(both_zero, torch.zeros_like(log_a), log_a)
-    safe_b = torch.where(both_zero, torch.zeros_like(log_b), log_b)
+    safe_a = torch.where(both_zero, 0.0, log_a)
+    safe_b = torch.where(both_zero, 0.0, log_b)
     mixed = torch.logaddexp(safe_a + math.log(weight_a), safe_b + math.log1p(-weight_a))
-    return torch.where(both_zero, torch.full_like(mixed, _NEG_INF), mixed)
+    return torch.where(both_zero, _NEG_INF, mixed)
 
 
 def _log_probs(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,7 +258,7 @@ def soft_cross_entropy(
     def rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
         student_logp, teacher_logp = _log_probs(student_rows, teacher_rows)
         teacher_p = teacher_logp.exp()
-        safe_student_logp = torch.where(teacher_p > 0, student_logp, torch.zeros_like(student_logp))
+        safe_student_logp = torch.where(teacher_p > 0, student_logp, 0.0)
         return -(teacher_p * safe_student_logp).sum(-1)
 
     return _divergence(rows, student_logits, teacher_logits, mask, temperature, reduction, vocab_policy)
@@ -281,7 +281,7 @@ def logit_mse(
 
     def rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
         both_finite = torch.isfinite(student_rows) & torch.isfinite(teacher_rows)
-        diff = torch.where(both_finite, student_rows - teacher_rows, torch.zeros_like(student_rows))
+        diff = torch.where(both_finite, student_rows - teacher_rows, 0.0)
         return diff.pow(2).sum(-1) / both_finite.sum(-1).clamp_min(1)
 
     return _divergence(rows, student_logits, teacher_logits, mask, temperature, reduction, vocab_policy)
