@@ -33,7 +33,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
-	$(BIN)/python bench/losses.py
+	cd bench && ../$(BIN)/python losses.py && ../$(BIN)/python step_overhead.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -73,7 +73,7 @@ def run_status(run_dir: str | Path) -> str | None:
 
 def run(config: RunConfig) -> RunResult:
     """Carry out one run; see the module docstring for what it writes."""
-    from kdistill.distillers import Distiller, SupervisedTrainer
+    from kdistill.distillers import Distiller, MultiTeacherDistiller, SupervisedTrainer
     from kdistill.runparts import build_objective, build_parts, evaluate, make_training_config
     from kdistill.training import train
 
@@ -96,7 +96,18 @@ def run(config: RunConfig) -> RunResult:
         teacher = parts.task.adapt_teacher(
             parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
         )
-        distiller = Distiller(parts.student, teacher, build_objective(config, parts), view=parts.task.view)
+        objective = build_objective(config, parts)
+        if parts.extra_teachers:
+            distiller = MultiTeacherDistiller(
+                parts.student,
+                [teacher, *parts.extra_teachers],
+                objective,
+                weights=config.distill.teacher_weights,
+                combine=config.distill.teacher_combine,
+                view=parts.task.view,
+            )
+        else:
+            distiller = Distiller(parts.student, teacher, objective, view=parts.task.view)
         trained = parts.student
     # everything below the first write is validated here: the probe runs every active term once
     distiller.setup(parts.collate(parts.train_examples[: config.training.batch_size]))

