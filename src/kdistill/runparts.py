@@ -345,10 +345,13 @@ def _training_texts(config: RunConfig, split: Any) -> list[Any]:
 
 
 def build_parts(config: RunConfig) -> RunParts:
+    from accelerate.utils import set_seed
+
     splits = load_data(config)
     task = make_task(config, splits)
     teacher = teacher_tokenizer = None
     if config.teacher is not None:
+        set_seed(config.seed)  # a new task head is drawn from the global RNG
         teacher, teacher_tokenizer = load_teacher(config, task)
     extra_teachers = []
     for index, extra in enumerate(config.extra_teachers):
@@ -363,6 +366,7 @@ def build_parts(config: RunConfig) -> RunParts:
         extra_teachers.append(model)
     student = student_tokenizer = None
     if config.mode != "train_teacher":
+        set_seed(config.seed)  # the student's fresh weights do not depend on whether the teacher was cached
         student, student_tokenizer = build_student_for(config, task, teacher, teacher_tokenizer, splits["train"])
     else:
         student_tokenizer = teacher_tokenizer

@@ -173,3 +173,25 @@ def _img_sources(html: str) -> list[str]:
 
     Images().feed(html)
     return sources
+
+
+def test_the_same_run_twice_gives_the_same_model(sentiment, tmp_path):
+    """Everything random in a run comes from its seed: a task head drawn fresh on a base model (as with the
+    packaged MiniLM) and the student's new weights, whatever the process drew before."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, BertModel
+
+    _root, teacher, train, valid = sentiment
+    base = tmp_path / "base"
+    save_tiny_bert(base, num_labels=2)
+    BertModel(AutoConfig.from_pretrained(teacher)).save_pretrained(base)  # no head: the run must draw one
+    finals = []
+    for name in ("a", "b"):
+        torch.rand(7)  # the global RNG is elsewhere on the second run
+        body = f"mode: train_teacher\noutput_dir: {tmp_path / name}\n"
+        assert main(["train", str(_config(tmp_path, base, train, valid, body)), "training.max_steps=2"]) == 0
+        finals.append(load_file(str(tmp_path / name / "student" / "model.safetensors")))
+    assert finals[0].keys() == finals[1].keys() and any("classifier" in key for key in finals[0])
+    for key, value in finals[0].items():
+        assert torch.equal(value, finals[1][key]), key
