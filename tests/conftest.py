@@ -23,6 +23,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
@@ -99,6 +100,51 @@ def make_tiny_llama(
     """A ``LlamaForCausalLM`` with untied embeddings, grouped-query attention and eager attention."""
     config = LlamaConfig(**_causal_config_kwargs(num_layers, hidden, heads, kv_heads, vocab))
     return _seeded_build(seed, lambda: LlamaForCausalLM(config))
+
+
+CHAT_SPECIALS = ("<pad>", "<s>", "<|im_end|>", "<unk>", "<|im_start|>")  # ids 0..4: pad, bos, eos as the tiny LMs
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def make_tiny_chat_tokenizer(vocab: int = LLAMA_VOCAB) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer for the tiny causal LMs, with a ChatML-like chat template.
+
+    Ids 0..4 are ``<pad> <s> <|im_end|> <unk> <|im_start|>`` (pad 0, bos 1, eos 2, as in the tiny LMs' configs),
+    then the roles ``system user assistant`` and lowercase words and digits up to ``vocab`` entries; unknown words
+    become ``<unk>``. Text is lowercased; whitespace and punctuation split words, so offsets map tokens back to characters.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words = ["system", "user", "assistant"]
+    words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    words += [".", ",", "?", "!", "'"]
+    common = (
+        "the a an and or to of in is are was you i me my we it what how why who hello hi good bad fine thanks "
+        "yes no not do does did can will would like love know think say tell about this that there here time day "
+        "name your are am be have has had go went come see look want need help make"
+    ).split()
+    words += [w for w in common if w not in words]
+    vocabulary = {token: i for i, token in enumerate(CHAT_SPECIALS)}
+    for word in words:
+        if len(vocabulary) >= vocab:
+            break
+        vocabulary.setdefault(word, len(vocabulary))
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_tiny_qwen(
@@ -200,6 +246,11 @@ def tiny_qwen_teacher() -> PreTrainedModel:
 @pytest.fixture
 def tiny_lstm_student() -> TinyLSTMClassifier:
     return make_tiny_lstm(seed=1)
+
+
+@pytest.fixture
+def tiny_chat_tokenizer() -> PreTrainedTokenizerFast:
+    return make_tiny_chat_tokenizer()
 
 
 @pytest.fixture
