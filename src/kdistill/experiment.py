@@ -1,0 +1,626 @@
+"""``kdistill experiment GRID.yaml``: variants of one base run, run in order, compared in one table.
+
+A grid file names a base run and the variants to try on it::
+
+    title: KD loss ablation            # optional (default: "Experiment: <grid file name>")
+    base: run.yaml                     # a run YAML (relative to the grid file) or an inline mapping of one
+    output_dir: runs/ablation          # variant NAME runs in output_dir/NAME (default: runs/<grid file name>)
+    metrics: [accuracy]                # eval.json columns; "accuracy" means every split's accuracy
+    variants:
+      kl:     {distill.kd_loss: forward_kl}
+      rkl:    {distill.kd_loss: reverse_kl, distill.kd_weight: 0.9, distill.hard_weight: 0.1}
+      labels: {mode: baseline}          # the same student trained on the labels alone (no distillation)
+      as_is:  {}                        # the base unchanged
+
+Each variant is a mapping of dotted keys to values. A pair ``key: value`` is turned into the ``key=value``
+override that ``kdistill train run.yaml key=value`` takes and applied by the same machinery
+(:func:`kdistill.config.load_config`), so a value replaces what the base holds there (a mapping replaces a
+mapping; it is not merged) and an error is the same one-liner, prefixed with the variant's name. Paths inside the
+base (``data.files``, ``teacher.path``) are read relative to the working directory, as by ``kdistill train``.
+
+Why the checks happen where they do:
+
+* :func:`load_grid` builds and validates every variant's :class:`~kdistill.config.RunConfig` and resolves the
+  names a run would only look up once its models are loaded (losses, schedules) and checks that local data files
+  exist, so a typo in the last variant fails before the first one trains.
+* :func:`plan_grid` (called by :func:`run_grid` before any training) compares each variant's directory with its
+  config: a complete run of the same config is skipped (the grid is resumable), an unfinished one is resumed from
+  its newest checkpoint, and a directory holding something else is an error — nothing is ever overwritten.
+* :func:`run_grid` records a variant that fails while running, with its error, and goes on with the next one.
+
+:func:`write_comparison` writes ``experiment.md``, ``experiment.csv`` and ``experiment.png`` from plain row
+dicts; it knows nothing about grids, so other callers (the LLM demo) pass rows they computed themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import difflib
+import io
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kdistill.config import ConfigError, RunConfig, load_config, parse_overrides
+from kdistill.errors import InvalidArgumentError, KdistillError
+
+__all__ = ["ComparisonPaths", "Grid", "Variant", "VariantResult", "add_experiment_parser", "cmd_experiment",
+           "count_saved_parameters", "format_cell", "load_grid", "plan_grid", "run_grid", "write_comparison",
+           "write_experiment"]  # fmt: skip
+
+GRID_KEYS = ("title", "base", "output_dir", "metrics", "variants")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+MISSING = "—"  # a cell without a value (a failed variant, a metric a run did not report)
+Action = Literal["run", "skip", "resume"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One variant: its name, its overrides as ``key=value`` strings (as the CLI takes them), its resolved config."""
+
+    name: str
+    overrides: tuple[str, ...]
+    config: RunConfig
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A validated grid: every variant's config is built, so running it can only fail inside a run."""
+
+    title: str
+    output_dir: Path
+    metrics: tuple[str, ...] | None  # None: every numeric metric found in the variants' eval.json
+    variants: tuple[Variant, ...]
+    base_overrides: tuple[str, ...] = ()  # applied to the base of every variant (from the command line)
+    source: Path | None = None  # the grid file
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    """What became of one variant; ``metrics``, ``seconds`` and ``params`` are read from its run directory."""
+
+    name: str
+    status: Literal["complete", "skipped", "failed"]  # skipped: complete from an earlier call, not rerun
+    output_dir: Path
+    overrides: tuple[str, ...]
+    metrics: dict[str, float]
+    seconds: float | None = None  # run.json's duration of the whole run
+    params: int | None = None  # parameters stored in student/*.safetensors
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ComparisonPaths:
+    """The files :func:`write_comparison` wrote (``png`` is None when no column was plotted) and the table text."""
+
+    markdown: Path
+    csv: Path
+    png: Path | None
+    table: str
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_grid(path: str | Path | None = None, overrides: Sequence[str] = (), *, data: Mapping[str, Any] | None = None,
+              output_dir: str | Path | None = None) -> Grid:  # fmt: skip
+    """Read and validate a grid: every variant's run config is built and checked before anything runs.
+
+    Args:
+        path: the grid YAML file (a relative ``base`` path is read relative to it).
+        overrides: dotted ``key=value`` overrides applied to the base of every variant, before the variant's own.
+        data: the grid as a mapping instead of a file (``base`` paths are then relative to the working directory).
+        output_dir: replaces the grid's ``output_dir``.
+
+    Raises:
+        ConfigError: the grid, the base or a variant is invalid; the message names the variant and the key.
+    """
+    if data is None:
+        if path is None:
+            raise ConfigError("no grid file given")
+        file = Path(path)
+        data = _read_yaml_mapping(file, "grid file")
+        root, stem = file.parent, file.stem
+    else:
+        file, root, stem = None, Path.cwd(), "grid"
+    unknown = [key for key in data if key not in GRID_KEYS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), GRID_KEYS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"grid: unknown key {unknown[0]!r}{hint} (valid: {', '.join(GRID_KEYS)})")
+    title = data.get("title") or f"Experiment: {stem}"
+    if not isinstance(title, str):
+        raise ConfigError(f"grid: title must be a string, got {title!r}")
+    out = Path(output_dir if output_dir is not None else data.get("output_dir") or Path("runs") / stem)
+    metrics = _metrics_setting(data.get("metrics"))
+    base = _base_mapping(data.get("base"), root)
+    for item in overrides:
+        if _is_output_dir(parse_overrides([item])[0][0]):
+            raise ConfigError(f"override {item!r}: the grid sets each variant's output_dir (use --output-dir)")
+    variants_data = data.get("variants")
+    if not isinstance(variants_data, dict) or not variants_data:
+        raise ConfigError("grid: 'variants' must be a mapping of variant names to overrides, e.g. {kl: {}}")
+    variants = []
+    for name, spec in variants_data.items():
+        if not isinstance(name, str) or not VARIANT_NAME.match(name):
+            raise ConfigError(f"grid: variant name {name!r} must be letters, digits, '_', '.', '+' or '-' (it "
+                              f"names a directory)")  # fmt: skip
+        variants.append(_build_variant(name, spec, base, tuple(overrides), out / name))
+    return Grid(title, out, metrics, tuple(variants), tuple(overrides), file)
+
+
+def _build_variant(name: str, spec: Any, base: dict[str, Any], base_overrides: tuple[str, ...],
+                   directory: Path) -> Variant:  # fmt: skip
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"variant {name!r}: must be a mapping of dotted keys to values, e.g. "
+                          f"{{distill.kd_loss: reverse_kl}}, got {spec!r}")  # fmt: skip
+    own = []
+    for key, value in spec.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"variant {name!r}: key {key!r} must be a dotted name such as distill.kd_weight")
+        if _is_output_dir([part for part in key.strip().split(".") if part]):
+            raise ConfigError(f"variant {name!r}: output_dir is set by the grid (its output_dir/{name}); remove it")
+        own.append(_override_string(name, key.strip(), value))
+    data = copy.deepcopy(base)
+    data["output_dir"] = str(directory)
+    try:
+        config = load_config(data=data, overrides=[*base_overrides, *own])
+        _check_names(config)
+    except KdistillError as error:
+        raise ConfigError(f"variant {name!r}: {error}") from None
+    return Variant(name, tuple(own), config)
+
+
+def _override_string(variant: str, key: str, value: Any) -> str:
+    """``key=value`` as the CLI would take it; checked to parse back to exactly ``value``."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf, allow_unicode=True).strip()
+    if text.endswith("\n..."):  # a plain scalar ends its document explicitly
+        text = text[: -len("\n...")].strip()
+    item = f"{key}={text}"
+    if parse_overrides([item])[0][1] != value:
+        raise ConfigError(f"variant {variant!r}: {key}: the value {value!r} cannot be written as a key=value override")
+    return item
+
+
+def _is_output_dir(path: list[str]) -> bool:
+    return path == ["output_dir"]
+
+
+def _metrics_setting(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(m, str) and m.strip() for m in value):
+        raise ConfigError(f"grid: metrics must be a list of metric names such as [accuracy], got {value!r}")
+    return tuple(m.strip() for m in value)
+
+
+def _base_mapping(value: Any, root: Path) -> dict[str, Any]:
+    if value is None:
+        raise ConfigError("grid: missing required key 'base' (a run YAML file or an inline run config)")
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        file = Path(value) if Path(value).is_absolute() else root / value
+        return _read_yaml_mapping(file, "base")
+    raise ConfigError(f"grid: base must be a path to a run YAML or a mapping, got {value!r}")
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (two variants of one name would silently merge)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        except TypeError:  # an unhashable key; construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping, with load_config's one-line errors (and duplicate keys refused)."""
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} does not exist")
+    try:
+        loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKey as error:
+        raise ConfigError(f"{file}: key {error.key!r} appears twice (line {error.line})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{file} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        raise ConfigError(f"{file} is empty")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file} must hold a mapping of settings at the top, got {type(loaded).__name__}")
+    return loaded
+
+
+def _check_names(config: RunConfig) -> None:
+    """What a run would only find out after loading its models: names of losses and schedules, local data files."""
+    for split, name in (config.data.files or {}).items():
+        if not Path(name).is_file():
+            raise ConfigError(f"data.files.{split}: the file {name} does not exist")
+    if config.mode != "distill":
+        return
+    from kdistill.losses import LOSSES
+    from kdistill.schedules import make_schedule, make_temperature_schedule
+
+    spec = config.distill
+    LOSSES.entry(spec.kd_loss)
+    make_schedule(spec.kd_weight)
+    make_schedule(spec.hard_weight)
+    make_temperature_schedule(spec.temperature)
+    if spec.layer_map is not None:
+        LOSSES.entry(spec.layer_map_loss)
+        make_schedule(spec.layer_map_weight)
+    for index, match in enumerate(spec.matches):
+        try:
+            LOSSES.entry(match.loss)
+            make_schedule(match.weight)
+        except KdistillError as error:
+            raise ConfigError(f"distill.matches.{index}: {error}") from None
+
+
+# ---------------------------------------------------------------- running
+
+
+def plan_grid(grid: Grid) -> list[tuple[Variant, Action]]:
+    """What :func:`run_grid` will do with each variant, decided from its directory before anything runs.
+
+    ``skip``: a complete run of the same resolved config is there. ``resume``: an unfinished run (failed or cut
+    short) of the same config is there; it continues from its newest checkpoint. ``run``: no directory, or an
+    empty one.
+
+    Raises:
+        ConfigError: a directory holds a run of a different config, or files that are no run; nothing is
+            overwritten, so the message says which key differs and asks to remove the directory.
+    """
+    from kdistill.run import run_status
+
+    plan: list[tuple[Variant, Action]] = []
+    for variant in grid.variants:
+        directory = variant.output_dir
+        status = run_status(directory)
+        if status is None:
+            if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+                raise ConfigError(f"variant {variant.name!r}: {directory} exists and holds no run; remove it or "
+                                  f"choose another output_dir")  # fmt: skip
+            plan.append((variant, "run"))
+            continue
+        difference = _config_difference(directory, variant.config)
+        if difference is not None:
+            raise ConfigError(f"variant {variant.name!r}: {directory} holds a {status} run of a different config "
+                              f"({difference}); remove it to run this variant again")  # fmt: skip
+        plan.append((variant, "skip" if status == "complete" else "resume"))
+    return plan
+
+
+def _config_difference(directory: Path, config: RunConfig) -> str | None:
+    """None when ``directory/config.yaml`` is ``config`` (``resume`` aside), else the first differing key."""
+    file = directory / "config.yaml"
+    if not file.is_file():
+        return "it has no config.yaml"
+    try:
+        saved = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return "its config.yaml is not valid YAML"
+    now = config.model_dump(mode="json")
+    if not isinstance(saved, dict):
+        return "its config.yaml holds no mapping"
+    saved.pop("resume", None)
+    now.pop("resume", None)
+    return _first_difference(saved, now, "")
+
+
+def _first_difference(saved: Any, now: Any, prefix: str) -> str | None:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [*now, *(k for k in saved if k not in now)]:
+            found = _first_difference(saved.get(key), now.get(key), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    if saved != now:
+        return f"{prefix.rstrip('.')}: {saved!r} there, {now!r} now"
+    return None
+
+
+def run_grid(grid: Grid, *, log: Callable[[str], None] | None = None) -> list[VariantResult]:
+    """Run the grid's variants in order and return what became of each (see :func:`plan_grid` for skips).
+
+    A variant that fails while running is recorded as failed with its error (its run.json says so too) and the
+    next one runs; only Ctrl-C stops the grid. The comparison table is written by :func:`write_experiment`.
+    """
+    from kdistill.run import run
+
+    say = log or (lambda message: None)
+    plan = plan_grid(grid)
+    results = []
+    for index, (variant, action) in enumerate(plan, start=1):
+        prefix = f"[{index}/{len(plan)}] {variant.name}"
+        if action == "skip":
+            say(f"{prefix}: already complete in {variant.output_dir}, skipped")
+            results.append(_collect(variant, "skipped"))
+            continue
+        say(f"{prefix}: {'resuming' if action == 'resume' else 'running'} in {variant.output_dir}"
+            f"{' (' + ', '.join(variant.overrides) + ')' if variant.overrides else ''}")  # fmt: skip
+        config = variant.config.model_copy(update={"resume": True}) if action == "resume" else variant.config
+        try:
+            run(config)
+        except Exception as error:  # recorded; the grid goes on
+            message = str(error) if isinstance(error, KdistillError) else f"{type(error).__name__}: {error}"
+            say(f"{prefix}: failed: {message}")
+            results.append(VariantResult(variant.name, "failed", variant.output_dir, variant.overrides, {},
+                                         error=message))  # fmt: skip
+            continue
+        results.append(_collect(variant, "complete"))
+    return results
+
+
+def _collect(variant: Variant, status: Literal["complete", "skipped"]) -> VariantResult:
+    """A finished variant's numbers, read back from its directory (the same source for fresh and skipped runs)."""
+    directory = variant.output_dir
+    try:
+        info = json.loads((directory / "run.json").read_text())
+        scores = json.loads((directory / "eval.json").read_text()) if (directory / "eval.json").is_file() else {}
+        params = count_saved_parameters(directory / "student")
+    except (OSError, ValueError) as error:
+        return VariantResult(variant.name, "failed", directory, variant.overrides, {},
+                             error=f"its run directory cannot be read: {error}")  # fmt: skip
+    metrics = {key: value for key, value in scores.items() if _is_number(value)}
+    seconds = info.get("seconds")
+    return VariantResult(variant.name, status, directory, variant.overrides, metrics,
+                         seconds if _is_number(seconds) else None, params)  # fmt: skip
+
+
+def count_saved_parameters(directory: str | Path) -> int | None:
+    """Number of values in the ``*.safetensors`` weights of a saved model (read from the headers; nothing loaded).
+
+    Tied weights are stored once by ``save_pretrained``, so this is the model's parameter count. None when the
+    directory holds no safetensors file, or only a LoRA adapter (``adapter_config.json``): the adapter's few
+    weights are not the model's size, and its base model lives elsewhere.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if (Path(directory) / "adapter_config.json").is_file():
+        files = [file for file in files if not file.name.startswith("adapter_model")]
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is no dict
+                total += math.prod(handle.get_slice(key).get_shape())
+    return total
+
+
+# ---------------------------------------------------------------- tables
+
+
+def write_experiment(grid: Grid, results: Sequence[VariantResult]) -> ComparisonPaths:
+    """The grid's comparison: one row per variant (overrides, metrics, run time, parameters, status)."""
+    columns, unmatched = _metric_columns(grid.metrics, results)
+    rows = []
+    for result in results:
+        row: dict[str, Any] = {"variant": result.name, "overrides": ", ".join(result.overrides) or "(base)"}
+        row.update({column: result.metrics.get(column) for column in columns})
+        row.update({"seconds": result.seconds, "params": result.params, "status": result.status})
+        if result.error is not None:
+            row["error"] = result.error
+        rows.append(row)
+    notes = []
+    if grid.base_overrides:
+        notes.append(f"Every variant: {', '.join(grid.base_overrides)}.")
+    found = sorted({key for result in results for key in result.metrics})
+    notes += [f"metric {name!r} is in no variant's eval.json (found: {', '.join(found) or 'none'})."
+              for name in unmatched]  # fmt: skip
+    return write_comparison(rows, grid.output_dir, columns, grid.title,
+                            columns=["variant", "overrides", *columns, "seconds", "params", "status"],
+                            notes=notes)  # fmt: skip
+
+
+def _metric_columns(requested: Sequence[str] | None, results: Sequence[VariantResult]) -> tuple[list[str], list[str]]:
+    """eval.json keys to show: a name matches itself and ``<split>/<name>``; also the names that matched nothing."""
+    found = list(dict.fromkeys(key for result in results for key in result.metrics))
+    if requested is None:
+        return found, []
+    columns, unmatched = [], []
+    for name in requested:
+        matches = [key for key in found if key == name or key.split("/", 1)[-1] == name]
+        if not matches:
+            unmatched.append(name)
+            matches = [name]
+        columns += [key for key in matches if key not in columns]
+    return columns, unmatched if found else []
+
+
+def format_cell(value: Any) -> str:
+    """A value as a markdown cell: floats with 4 decimals, None as an em dash, ``|`` escaped, one line."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("\n", " ").replace("|", "\\|")
+
+
+def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, metrics: Sequence[str] | None = None,
+                     title: str = "Comparison", *, columns: Sequence[str] | None = None, label: str = "variant",
+                     notes: Sequence[str] = (), stem: str = "experiment") -> ComparisonPaths:  # fmt: skip
+    """Write ``<stem>.md`` (markdown table), ``<stem>.csv`` (the same values, unrounded) and ``<stem>.png``.
+
+    Args:
+        rows: one dict per compared thing (a variant, a model); each must hold ``label``. A row's ``error`` is
+            listed under the table instead of in it (and is a column of the CSV).
+        output_dir: created if needed.
+        metrics: the columns drawn as bar charts, one panel each; None: every column whose values are numbers.
+        title: the markdown heading and the figure's title.
+        columns: the table's columns in order; None: ``label``, then every key in the order the rows first
+            hold it (``error`` aside).
+        label: the key naming each row (the bars' labels).
+        notes: lines written between the heading and the table.
+        stem: the files' name without suffix.
+
+    Returns:
+        The paths written (``png`` None when there is no metric to draw) and the markdown table itself.
+
+    Raises:
+        InvalidArgumentError: no rows, a row without ``label``, or a metric that is no column.
+    """
+    if not rows:
+        raise InvalidArgumentError("write_comparison: rows is empty; there is nothing to compare")
+    for index, row in enumerate(rows):
+        if label not in row:
+            raise InvalidArgumentError(f"write_comparison: row {index} has no {label!r} (keys: {', '.join(row)})")
+    if columns is None:
+        keys = dict.fromkeys(key for row in rows for key in row if key != "error")
+        columns = [label, *(key for key in keys if key != label)]
+    columns = list(columns)
+    if metrics is None:
+        metrics = [c for c in columns[1:] if _numeric_column(rows, c)]
+    for metric in metrics:
+        if metric not in columns:
+            raise InvalidArgumentError(f"write_comparison: metric {metric!r} is not a column ({', '.join(columns)})")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    table = _markdown_table(rows, columns)
+    png = out / f"{stem}.png" if metrics else None
+    lines = [f"# {title}", ""]
+    lines += [*(f"{note}  " for note in notes), ""] if notes else []
+    lines += [table, ""]
+    if png is not None:
+        lines += [f"![{title}]({png.name})", ""]
+    errors = [(row[label], row["error"]) for row in rows if row.get("error")]
+    if errors:
+        lines += ["Errors:", "", *(f"- `{name}`: {format_cell(error)}" for name, error in errors), ""]
+    markdown = out / f"{stem}.md"
+    _write_atomically(markdown, "\n".join(lines).encode())
+
+    csv_columns = [*columns, "error"] if errors and "error" not in columns else columns
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(csv_columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row[c] for c in csv_columns])
+    csv_path = out / f"{stem}.csv"
+    _write_atomically(csv_path, buffer.getvalue().encode())
+
+    if png is not None:
+        _write_atomically(png, _bar_chart(rows, metrics, label, title))
+    return ComparisonPaths(markdown, csv_path, png, table)
+
+
+def _markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(format_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
+    values = [row.get(column) for row in rows if row.get(column) is not None]
+    return bool(values) and all(_is_number(v) for v in values)
+
+
+def _bar_chart(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], label: str, title: str) -> bytes:
+    """One bar panel per metric (Agg canvas on a Figure: the caller's pyplot backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = min(len(metrics), 3)
+    nrows = math.ceil(len(metrics) / ncols)
+    width = max(3.2, 0.55 * len(rows) + 1.5)
+    figure = Figure(figsize=(width * ncols, 3.4 * nrows + 0.4), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
+    names = [str(row[label]) for row in rows]
+    for ax, metric in zip(axes, metrics, strict=False):
+        values = [row.get(metric) if _is_number(row.get(metric)) else math.nan for row in rows]
+        bars = ax.bar(range(len(rows)), values, color="#4c72b0")
+        ax.bar_label(bars, labels=[format_cell(v) if not math.isnan(v) else "" for v in values], fontsize=7)
+        ax.set_xticks(range(len(rows)), names, rotation=30 if len(rows) > 3 else 0, ha="right" if len(rows) > 3
+                      else "center", fontsize=8)  # fmt: skip
+        ax.set_title(metric, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if all(math.isnan(v) for v in values):
+            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="#888")
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    figure.suptitle(title)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``experiment`` to the ``kdistill`` subcommands (``subparsers`` from ``add_subparsers``)."""
+    parser = subparsers.add_parser("experiment", help="run variants of one base run and write one comparison table")
+    parser.add_argument("grid", help="the grid's YAML file (base run, output_dir, metrics, variants)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base, for every variant")
+    parser.add_argument("--output-dir", help="replaces the grid's output_dir")
+    parser.set_defaults(func=cmd_experiment)
+    return parser
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """Validate the grid, run it, write and print the table; 1 when a variant failed, else 0."""
+    grid = load_grid(args.grid, args.overrides, output_dir=getattr(args, "output_dir", None))
+    results = run_grid(grid, log=print)
+    paths = write_experiment(grid, results)
+    print()
+    print(paths.table)
+    written = [paths.markdown, paths.csv, *([paths.png] if paths.png else [])]
+    print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    failed = [r.name for r in results if r.status == "failed"]
+    if failed:
+        print(f"kdistill: {len(failed)} of {len(results)} variants failed: {', '.join(failed)} (errors in "
+              f"{paths.markdown})", file=sys.stderr)  # fmt: skip
+        return 1
+    return 0
