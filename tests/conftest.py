@@ -114,18 +114,21 @@ def make_tiny_chat_tokenizer(vocab: int = LLAMA_VOCAB) -> PreTrainedTokenizerFas
 
     Ids 0..4 are ``<pad> <s> <|im_end|> <unk> <|im_start|>`` (pad 0, bos 1, eos 2, as in the tiny LMs' configs),
     then the roles ``system user assistant`` and lowercase words and digits up to ``vocab`` entries; unknown words
-    become ``<unk>``. Text is lowercased; whitespace and punctuation split words, so offsets map tokens back to characters.
+    become ``<unk>``. Text is lowercased; whitespace and punctuation split words, so offsets map tokens back to
+    characters.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     words = ["system", "user", "assistant"]
     words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     words += [".", ",", "?", "!", "'"]
-    common = (
-        "the a an and or to of in is are was you i me my we it what how why who hello hi good bad fine thanks "
-        "yes no not do does did can will would like love know think say tell about this that there here time day "
-        "name your are am be have has had go went come see look want need help make"
-    ).split()
+    common = " ".join(  # a word list reads best as text
+        [
+            "the a an and or to of in is are was you i me my we it what how why who hello hi good bad fine thanks",
+            "yes no not do does did can will would like love know think say tell about this that there here time",
+            "day name your are am be have has had go went come see look want need help make",
+        ]
+    ).split(" ")
     words += [w for w in common if w not in words]
     vocabulary = {token: i for i, token in enumerate(CHAT_SPECIALS)}
     for word in words:

@@ -1,7 +1,8 @@
 """The ``kdistill`` command line. Parsing, printing and exit codes only; the work lives in the library.
 
 Exit codes: 0 success, 2 a user error (:class:`~kdistill.errors.KdistillError`, printed as one line; the
-traceback only with ``--debug``), 1 anything unexpected.
+traceback only with ``--debug``), 1 anything unexpected, or a grid (``experiment``, ``demo --llm``) in which a
+variant failed (each failure is recorded in its table).
 """
 
 from __future__ import annotations
@@ -149,9 +150,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.llm:
+        from kdistill.demo_llm import run_llm_demo
+
+        summary = run_llm_demo(args.out or "runs/demo-llm", quick=args.quick)
+        return 1 if summary.get("failed") else 0
     from kdistill.demo import run_demo
 
-    run_demo(args.out, quick=args.quick)
+    run_demo(args.out or "runs/demo", quick=args.quick)
     return 0
 
 
@@ -205,13 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_report)
 
     demo = commands.add_parser("demo", help="the main job on its embedded default, offline")
-    demo.add_argument("--out", default="runs/demo", help="directory for the runs and the report (default: runs/demo)")
+    demo.add_argument("--out", help="directory for the runs and the report (default: runs/demo or runs/demo-llm)")
     demo.add_argument("--quick", action="store_true", help="a much smaller run (for a smoke test)")
+    demo.add_argument(
+        "--llm", action="store_true", help="LLM distillation: SmolLM2-135M-Instruct into 6 of its layers, a loss grid"
+    )
     demo.set_defaults(func=_cmd_demo)
 
     losses = commands.add_parser("losses", help="list the registered loss functions")
     losses.add_argument("--kind", choices=["divergence", "hard", "feature"], help="only losses of this kind")
     losses.set_defaults(func=_cmd_losses)
+
+    from kdistill.experiment import add_experiment_parser
+    from kdistill.lm.generate import add_generate_parser
+
+    add_experiment_parser(commands)
+    add_generate_parser(commands)
     return parser
 
 

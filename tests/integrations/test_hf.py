@@ -126,6 +126,23 @@ def test_trains_with_each_divergence(tmp_path: Path, family: str, loss: str, kwa
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
+def test_sft_without_a_teacher_logs_the_mean_token_cross_entropy(tmp_path: Path) -> None:
+    student, _ = _models("llama")
+    reference = copy.deepcopy(student)
+    examples = _examples(4)
+    logs = _train_logs(_trainer(student, None, _args(tmp_path, max_steps=1, kd_weight=0.0, ce_weight=1.0),
+                                train_dataset=examples))  # fmt: skip
+    batch = _stack(examples)
+    with torch.no_grad():
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    targets = batch["labels"][:, 1:]
+    counted = targets != -100
+    nll = -logits[:, :-1].log_softmax(-1)[counted].gather(-1, targets[counted][:, None]).sum()
+    assert logs[0]["loss"] == pytest.approx(float(nll) / int(counted.sum()), rel=1e-5)
+    with pytest.raises(InvalidArgumentError, match="teacher_model is required when kd_weight"):
+        _trainer(student, None, _args(tmp_path))
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_logged_loss_equals_the_library_on_the_same_batch(tmp_path: Path, chunked: bool) -> None:
     student, teacher = _models("qwen")

@@ -162,7 +162,8 @@ class DistillationTrainer(transformers.Trainer):
         teacher_model: the teacher: a model, or a path / hub id loaded with ``AutoModelForCausalLM.from_pretrained``
             (``dtype`` from ``args.teacher_dtype``). It is frozen, put in eval mode, kept out of ``self.model`` (never
             wrapped, never saved) and moved to the student's device when the loss first needs it. A ``PeftModel``
-            teacher (a LoRA-tuned teacher) is used as it is, adapters active.
+            teacher (a LoRA-tuned teacher) is used as it is, adapters active. None only with ``kd_weight=0``:
+            supervised fine-tuning on the labels alone (the baseline a distillation is compared with).
         args: :class:`DistillationArguments` (a default one when None).
         peft_config: a ``peft`` config (e.g. ``LoraConfig``); the student is wrapped with ``peft.get_peft_model``
             and only the adapters train. ``save_model`` then writes the adapter (reload it with
@@ -177,7 +178,7 @@ class DistillationTrainer(transformers.Trainer):
     (the teacher's own ``input_ids``/``attention_mask`` over the same positions).
 
     Attributes:
-        teacher: the frozen teacher model.
+        teacher: the frozen teacher model (None for SFT without a teacher).
         last_on_policy_batches: the micro-batches built from the student's samples in the latest on-policy step
             (``input_ids``, ``attention_mask``, ``labels``), or None before any.
 
@@ -207,15 +208,20 @@ class DistillationTrainer(transformers.Trainer):
             )
         if model is None:
             raise InvalidArgumentError("model (the student) is required; model_init is not supported")
-        if teacher_model is None:
-            raise InvalidArgumentError("teacher_model is required: a causal LM or a path / hub id to load one")
+        if teacher_model is None and args.kd_weight != 0.0:
+            raise InvalidArgumentError(
+                "teacher_model is required when kd_weight != 0: a causal LM or a path / hub id to load one "
+                "(kd_weight=0 with ce_weight > 0 trains on the labels alone, SFT, without a teacher)"
+            )
         if peft_config is not None:
             model = _wrap_with_peft(model, peft_config)
-        teacher = _load_teacher(teacher_model, args.teacher_dtype)
-        _check_vocabularies(model, teacher, args.vocab_policy)
+        teacher = None if teacher_model is None else _load_teacher(teacher_model, args.teacher_dtype)
+        if teacher is not None:
+            _check_vocabularies(model, teacher, args.vocab_policy)
         if args.chunked_loss:  # refuse models the chunked path cannot handle before any step
             lm_head_of(model)
-            lm_head_of(teacher)
+            if teacher is not None:
+                lm_head_of(teacher)
         if kwargs.get("data_collator") is None:
             kwargs["data_collator"] = _default_collator(
                 model, kwargs.get("processing_class"), with_prompts=args.on_policy_fraction > 0
@@ -284,7 +290,7 @@ class DistillationTrainer(transformers.Trainer):
         return loss
 
     def _teacher_to(self, device: torch.device | None) -> None:
-        if device is None:
+        if device is None or self.teacher is None:
             return
         parameter = next(self.teacher.parameters(), None)
         if parameter is not None and parameter.device != device:

@@ -1,5 +1,31 @@
-"""Causal-LM distillation: the next-token shift, the token-level loss (plain and chunked), SFT data, generation."""
+"""Causal-LM distillation: the next-token shift, the token-level loss (plain and chunked), SFT data, generation.
 
-from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
+Submodules import torch and transformers; this package itself does not, so ``kdistill --help`` stays fast:
+the names below are imported on first use.
+"""
 
-__all__ = ["IGNORE_INDEX", "counted_next_tokens", "next_token_labels"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "IGNORE_INDEX": "kdistill.lm.shift",
+    "counted_next_tokens": "kdistill.lm.shift",
+    "next_token_labels": "kdistill.lm.shift",
+    "SFTCollator": "kdistill.lm.data",
+    "render_sft": "kdistill.lm.data",
+    "pack_texts": "kdistill.lm.data",
+    "chatterbot_dialogs": "kdistill.lm.data",
+    "load_sft_records": "kdistill.lm.data",
+    "causal_lm_loss_sums": "kdistill.lm.loss",
+    "generate_dataset": "kdistill.lm.generate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'kdistill.lm' has no attribute {name!r}")

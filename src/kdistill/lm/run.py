@@ -1,0 +1,189 @@
+"""A causal-LM run from a :class:`~kdistill.config.RunConfig` (``task: causal_lm``), through the Trainer integration.
+
+``kdistill train`` hands causal-LM runs here, so the CLI and :class:`~kdistill.integrations.hf.DistillationTrainer`
+share one implementation of the loss (global token normalization, vocabulary policy, chunked loss, on-policy
+batches, LoRA). Data, tokenizer, teacher and student come from the same builders as every other run
+(:func:`kdistill.runparts.build_parts`); the run directory holds the same ``run.json``, ``config.yaml``,
+``student/`` and ``eval.json`` (perplexity, next-token accuracy and, with a teacher, agreement and KL to it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kdistill.config import RunConfig, dump_config
+from kdistill.errors import InvalidArgumentError, KdistillError
+
+
+def check_causal_lm_config(config: RunConfig) -> None:
+    """Refuse, before anything is loaded, what a causal-LM run does not do (naming the field)."""
+    spec = config.distill
+    if config.mode == "train_teacher":
+        raise InvalidArgumentError(
+            "mode 'train_teacher' is not available for task causal_lm; tune the teacher with LoRA and give "
+            "teacher.adapter, or distil with mode 'distill'"
+        )
+    if config.teacher is not None and config.teacher.fine_tune:
+        raise InvalidArgumentError("teacher.fine_tune is not available for task causal_lm; use teacher.adapter")
+    if config.extra_teachers:
+        raise InvalidArgumentError("extra_teachers is not available for task causal_lm (one teacher)")
+    if spec.layer_map is not None or spec.matches or spec.stages:
+        raise InvalidArgumentError(
+            "distill.layer_map, distill.matches and distill.stages are not available for task causal_lm; "
+            "it distils the output distributions (distill.kd_loss)"
+        )
+    for name in ("kd_weight", "hard_weight", "temperature"):
+        if not isinstance(getattr(spec, name), (int, float)):
+            raise InvalidArgumentError(f"distill.{name} must be a number for task causal_lm (no schedule)")
+    if config.mode == "distill" and float(spec.kd_weight) == 0.0:
+        raise InvalidArgumentError("distill.kd_weight is 0: use mode 'baseline' for SFT without a teacher")
+
+
+def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
+    """The run's :class:`DistillationArguments` (what ``training`` and ``distill`` say, in the Trainer's words)."""
+    from kdistill.integrations.hf import DistillationArguments
+
+    training, spec = config.training, config.distill
+    kd_kwargs = dict(spec.kd_kwargs)
+    vocab_policy = kd_kwargs.pop("vocab_policy", "error")
+    baseline = config.mode == "baseline"
+    return DistillationArguments(
+        output_dir=str(output_dir / "trainer"),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.eval_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        num_train_epochs=training.num_epochs,
+        max_steps=training.max_steps or -1,
+        weight_decay=training.weight_decay,
+        optim="sgd" if training.optimizer == "sgd" else "adamw_torch",
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_steps or training.warmup_ratio,  # a float < 1 is a share of the steps
+        max_grad_norm=training.max_grad_norm or 0.0,
+        bf16=training.mixed_precision == "bf16",
+        fp16=training.mixed_precision == "fp16",
+        logging_steps=training.log_every,
+        eval_strategy="steps" if training.eval_every else "no",
+        eval_steps=training.eval_every,
+        save_strategy="steps" if training.save_every else "no",
+        save_steps=training.save_every or 500,
+        save_total_limit=training.keep_last,
+        report_to=list(training.log_with),
+        disable_tqdm=not training.progress,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=_has_cuda(),
+        loss=spec.kd_loss,
+        temperature=float(spec.temperature),
+        kd_weight=0.0 if baseline else float(spec.kd_weight),
+        ce_weight=1.0 if baseline else float(spec.hard_weight),
+        scale_kd_by_t2=spec.t2_scaling,
+        divergence_kwargs=kd_kwargs or None,
+        vocab_policy=vocab_policy,
+        chunked_loss=spec.chunked_loss,
+        chunk_size=spec.chunk_size,
+        on_policy_fraction=0.0 if baseline else spec.on_policy_fraction,
+        on_policy_max_new_tokens=spec.on_policy_max_new_tokens,
+        on_policy_temperature=spec.on_policy_temperature,
+    )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def lora_config(config: RunConfig) -> Any:
+    """peft's ``LoraConfig`` for ``student.lora`` (None without it)."""
+    spec = config.student.lora
+    if spec is None:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise KdistillError("student.lora needs the package peft; install it with: pip install peft") from None
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def evaluate_causal_lm(parts: Any, model: Any, split: str, batch_size: int) -> dict[str, float]:
+    """Perplexity, next-token accuracy and, when the run has a teacher, agreement and KL to it, on ``split``."""
+    from kdistill.tasks import lm_agreement, make_batches
+
+    batches = make_batches(parts.eval_examples[split], parts.collate, batch_size)
+    metrics = parts.task.compute_metrics(parts.task.predict(model, batches), batches)
+    if parts.teacher is not None:
+        metrics.update(lm_agreement(model, parts.teacher, batches))
+    return metrics
+
+
+def run_causal_lm(config: RunConfig) -> Any:
+    """Carry out one causal-LM run (see the module docstring for what it writes)."""
+    from kdistill.integrations.hf import DistillationTrainer
+    from kdistill.run import RunResult, run_status, write_json_atomically
+    from kdistill.runparts import build_parts
+
+    check_causal_lm_config(config)
+    start = time.perf_counter()
+    out = Path(config.output_dir)
+    status = run_status(out)
+    if status == "complete" and not config.resume:
+        raise KdistillError(f"output_dir {out} already holds a complete run; choose another output_dir")
+    if out.exists() and status is None and any(out.iterdir()) and not config.resume:
+        raise KdistillError(f"output_dir {out} exists and is not empty; choose another output_dir")
+    parts = build_parts(config)
+    tokenizer = parts.student_tokenizer
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    parts.task.pad_token_id = tokenizer.pad_token_id
+    teacher = None
+    if config.mode == "distill":
+        teacher = parts.task.adapt_teacher(
+            parts.teacher, tokenizer=tokenizer, teacher_tokenizer=parts.teacher_tokenizer
+        )
+    from kdistill.lm.data import SFTCollator
+
+    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, with_prompts=config.distill.on_policy_fraction > 0)
+    args = distillation_arguments(config, out)
+    trainer = DistillationTrainer(
+        model=parts.student,
+        teacher_model=teacher,
+        args=args,
+        peft_config=lora_config(config),
+        train_dataset=parts.train_examples,
+        eval_dataset=parts.eval_examples.get("validation") if config.training.eval_every else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "run.json", {"status": "running", "mode": config.mode, "started": time.time()})
+    (out / "config.yaml").write_text(dump_config(config))
+    try:
+        resume = config.resume and any((out / "trainer").glob("checkpoint-*"))
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        student_dir = out / "student"
+        trainer.save_model(str(student_dir))
+        tokenizer.save_pretrained(student_dir)
+        model = trainer.model
+        metrics: dict[str, float] = {}
+        for split in ("validation", "test"):
+            if parts.has_split(split):
+                scores = evaluate_causal_lm(parts, model, split, config.training.eval_batch_size)
+                metrics.update({f"{split}/{key}": value for key, value in scores.items()})
+        write_json_atomically(out / "eval.json", metrics)
+    except BaseException as error:
+        write_json_atomically(out / "run.json", {"status": "failed", "mode": config.mode, "error": str(error)})
+        raise
+    seconds = time.perf_counter() - start
+    write_json_atomically(out / "run.json", {"status": "complete", "mode": config.mode, "seconds": seconds})
+    return RunResult(out, student_dir, metrics, seconds)

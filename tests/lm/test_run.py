@@ -1,0 +1,116 @@
+"""Causal-LM runs from YAML (``kdistill train`` with ``task: causal_lm``), on tiny Llamas saved with a tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_chat_tokenizer, make_tiny_llama
+from kdistill.cli import main
+from kdistill.config import load_config
+from kdistill.errors import InvalidArgumentError
+from kdistill.lm.run import check_causal_lm_config
+from kdistill.run import run
+
+WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "i", "like", "love", "you", "what", "how", "name"]
+
+
+def write_model(directory: Path, **kwargs) -> Path:
+    """A tiny Llama whose LM head is scaled up: peaked next-token distributions, so a cut copy is far from it."""
+    make_tiny_chat_tokenizer().save_pretrained(directory)
+    model = make_tiny_llama(**kwargs)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(directory)
+    return directory
+
+
+def write_records(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(n):
+            prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5)))
+            reply = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.fixture
+def lm_run(tmp_path: Path) -> dict:
+    teacher = write_model(tmp_path / "teacher")
+    return {
+        "task": "causal_lm",
+        "data": {
+            "files": {
+                "train": str(write_records(tmp_path / "train.jsonl", 24)),
+                "validation": str(write_records(tmp_path / "validation.jsonl", 8, seed=1)),
+            },
+            "max_length": 32,
+        },
+        "teacher": {"path": str(teacher)},
+        "student": {"kind": "from_teacher", "layers": [0, 3]},
+        "distill": {"kd_loss": "reverse_kl", "kd_weight": 1.0, "hard_weight": 0.0, "temperature": 1.0},
+        "training": {"max_steps": 8, "batch_size": 4, "learning_rate": 3e-3, "log_with": [], "progress": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+
+
+def test_a_causal_lm_run_writes_a_loadable_student_and_its_scores(lm_run: dict) -> None:
+    result = run(load_config(data=lm_run))
+    out = Path(lm_run["output_dir"])
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
+    scores = json.loads((out / "eval.json").read_text())
+    assert set(scores) >= {"validation/perplexity", "validation/teacher_agreement", "validation/kl_to_teacher"}
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    assert student.config.num_hidden_layers == 2
+    assert scores == pytest.approx(result.metrics)
+    ids = torch.tensor([[4, 6, 20, 2]])
+    assert student(input_ids=ids).logits.shape == (1, 4, 128)
+
+
+def test_distillation_beats_the_untrained_cut_on_kl(lm_run: dict, tmp_path: Path) -> None:
+    trained = run(load_config(data=lm_run)).metrics["validation/kl_to_teacher"]
+    untrained = dict(lm_run, output_dir=str(tmp_path / "untrained"))
+    untrained["training"] = dict(lm_run["training"], learning_rate=1e-12)
+    before = run(load_config(data=untrained)).metrics["validation/kl_to_teacher"]
+    assert trained < before
+
+
+def test_lora_student_and_chunked_loss_through_the_cli(lm_run: dict, tmp_path: Path) -> None:
+    import yaml
+
+    lm_run["student"]["lora"] = {"r": 4, "alpha": 8}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(lm_run))
+    assert main(["train", str(path), "distill.chunked_loss=true", "distill.chunk_size=16"]) == 0
+    scores = json.loads((Path(lm_run["output_dir"]) / "eval.json").read_text())
+    assert scores["validation/perplexity"] > 1.0
+
+
+def test_baseline_is_sft_without_a_teacher(lm_run: dict) -> None:
+    lm_run["mode"] = "baseline"
+    result = run(load_config(data=lm_run))
+    assert "validation/perplexity" in result.metrics  # agreement is still measured against the configured teacher
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"distill": {"layer_map": "uniform"}}, "distill.layer_map"),
+        ({"distill": {"kd_weight": 0.0}}, "mode 'baseline'"),
+        ({"mode": "train_teacher"}, "train_teacher"),
+        ({"distill": {"temperature": {"name": "linear", "start": 2.0, "end": 1.0}}}, "distill.temperature"),
+    ],
+)
+def test_what_causal_lm_runs_do_not_do_is_refused_by_name(lm_run: dict, change: dict, message: str) -> None:
+    data = json.loads(json.dumps(lm_run))
+    for key, value in change.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and key in data else value
+    with pytest.raises(InvalidArgumentError, match=message):
+        check_causal_lm_config(load_config(data=data))
