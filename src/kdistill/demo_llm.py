@@ -22,7 +22,7 @@ LLM_DEMO_YAML = """
 task: causal_lm
 data:
   source: chatterbot                    # 2,000+ English dialog pairs shipped in the chatterbot-corpus package
-  limit: {train: 480, validation: 64, test: 160}
+  limit: {train: 400, validation: 32, test: 160}
   max_length: 64                        # prompt (with the chat template) + reply; longer replies are cut
   system_prompt: You are a friendly chatbot. Reply briefly.
 teacher:
@@ -142,19 +142,24 @@ def _reference_rows(config: Any) -> list[dict[str, Any]]:
     """The teacher and the cut student before training, scored on the run's test split."""
     import torch
 
-    from kdistill.lm.run import evaluate_causal_lm
     from kdistill.runparts import build_parts
+    from kdistill.tasks import evaluate_lm, make_batches
 
     parts = build_parts(config)
     tokenizer = parts.student_tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     parts.task.pad_token_id = tokenizer.pad_token_id
-    batch_size = config.training.eval_batch_size
+    batches = make_batches(parts.eval_examples["test"], parts.collate, config.training.eval_batch_size)
     rows = []
-    for name, model in (("teacher (30 layers)", parts.teacher), ("student, untrained (6 layers)", parts.student)):
-        with torch.no_grad():
-            scores = evaluate_causal_lm(parts, model, "test", batch_size)
+    with torch.no_grad():
+        teacher_scores = evaluate_lm(parts.teacher, batches)  # agreement with itself is 1 and KL 0 by definition
+        teacher_scores.update(teacher_agreement=1.0, kl_to_teacher=0.0)
+        student_scores = evaluate_lm(parts.student, batches, teacher=parts.teacher)
+    for name, model, scores in (
+        ("teacher (30 layers)", parts.teacher, teacher_scores),
+        ("student, untrained (6 layers)", parts.student, student_scores),
+    ):
         params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         row = {"model": name, **{key: scores.get(key) for key in COLUMNS}, "params": params}
         row["compression"] = 1.0 if model is parts.teacher else rows[0]["params"] / params

@@ -52,6 +52,7 @@ from typing import Any, Literal
 import yaml
 
 from kdistill.config import ConfigError, RunConfig, load_config, parse_overrides
+from kdistill.config.loader import read_yaml_mapping
 from kdistill.errors import InvalidArgumentError, KdistillError
 
 __all__ = ["ComparisonPaths", "Grid", "Variant", "VariantResult", "add_experiment_parser", "cmd_experiment",
@@ -133,7 +134,7 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = (), *, 
         if path is None:
             raise ConfigError("no grid file given")
         file = Path(path)
-        data = _read_yaml_mapping(file, "grid file")
+        data = read_yaml_mapping(file, "grid file")
         root, stem = file.parent, file.stem
     else:
         file, root, stem = None, Path.cwd(), "grid"
@@ -219,55 +220,8 @@ def _base_mapping(value: Any, root: Path) -> dict[str, Any]:
         return value
     if isinstance(value, str):
         file = Path(value) if Path(value).is_absolute() else root / value
-        return _read_yaml_mapping(file, "base")
+        return read_yaml_mapping(file, "base")
     raise ConfigError(f"grid: base must be a path to a run YAML or a mapping, got {value!r}")
-
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, line: int) -> None:
-        super().__init__(key, line)
-        self.key, self.line = key, line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (two variants of one name would silently merge)."""
-
-
-def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark.line + 1)
-            seen.add(key)
-        except TypeError:  # an unhashable key; construct_mapping reports it
-            pass
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
-
-
-def _read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
-    """A YAML file's top-level mapping, with load_config's one-line errors (and duplicate keys refused)."""
-    if not file.is_file():
-        raise ConfigError(f"{what} {file} does not exist")
-    try:
-        loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except _DuplicateKey as error:
-        raise ConfigError(f"{file}: key {error.key!r} appears twice (line {error.line})") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"{file} is not valid YAML{where}: {problem}") from None
-    if loaded is None:
-        raise ConfigError(f"{file} is empty")
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{file} must hold a mapping of settings at the top, got {type(loaded).__name__}")
-    return loaded
 
 
 def _check_names(config: RunConfig) -> None:

@@ -81,6 +81,17 @@ def run_status(run_dir: str | Path) -> str | None:
     return json.loads(file.read_text()).get("status")
 
 
+def check_output_dir(config: RunConfig) -> Path:
+    """The run's directory, unless it holds a complete run or something else (and ``resume`` is off)."""
+    out = Path(config.output_dir)
+    status = run_status(out)
+    if status == "complete" and not config.resume:
+        raise KdistillError(f"output_dir {out} already holds a complete run; choose another output_dir")
+    if out.exists() and status is None and any(out.iterdir()) and not config.resume:
+        raise KdistillError(f"output_dir {out} exists and is not empty; choose another output_dir")
+    return out
+
+
 def run(config: RunConfig) -> RunResult:
     """Carry out one run; see the module docstring for what it writes."""
     if config.task == "causal_lm":
@@ -92,12 +103,7 @@ def run(config: RunConfig) -> RunResult:
     from kdistill.training import train
 
     start = time.perf_counter()
-    out = Path(config.output_dir)
-    status = run_status(out)
-    if status == "complete" and not config.resume:
-        raise KdistillError(f"output_dir {out} already holds a complete run; choose another output_dir")
-    if out.exists() and status is None and any(out.iterdir()) and not config.resume:
-        raise KdistillError(f"output_dir {out} exists and is not empty; choose another output_dir")
+    out = check_output_dir(config)
 
     parts = build_parts(config)  # data, tokenizers, teacher (fine-tuned if asked), student, examples
     if config.mode == "train_teacher":

@@ -126,6 +126,17 @@ def test_trains_with_each_divergence(tmp_path: Path, family: str, loss: str, kwa
     assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_bf16_autocast_step_is_close_to_float32(tmp_path: Path, chunked: bool) -> None:
+    """bf16 mixed precision (CPU autocast here; the code path CUDA takes) gives the float32 loss to bf16 precision."""
+    losses = {}
+    for bf16 in (False, True):
+        student, teacher = _models("llama")
+        args = _args(tmp_path / str(bf16), max_steps=1, bf16=bf16, chunked_loss=chunked, chunk_size=8, ce_weight=0.5)
+        losses[bf16] = _train_logs(_trainer(student, teacher, args, train_dataset=_examples(4)))[0]["loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
 def test_sft_without_a_teacher_logs_the_mean_token_cross_entropy(tmp_path: Path) -> None:
     student, _ = _models("llama")
     reference = copy.deepcopy(student)

@@ -93,6 +93,39 @@ def test_lora_student_and_chunked_loss_through_the_cli(lm_run: dict, tmp_path: P
     assert scores["validation/perplexity"] > 1.0
 
 
+@pytest.mark.parametrize(
+    "student",
+    [
+        {"kind": "shrink", "num_layers": 1, "hidden_size": 16, "num_heads": 4},
+        {"kind": "pretrained", "path": "SMALL"},  # any small causal LM sharing the tokenizer
+    ],
+)
+def test_other_students_and_on_policy_steps(lm_run: dict, tmp_path: Path, student: dict) -> None:
+    if student.get("path") == "SMALL":
+        student = dict(student, path=str(write_model(tmp_path / "small", num_layers=1, hidden=16, seed=4)))
+    lm_run["student"] = student
+    lm_run["distill"].update(on_policy_fraction=1.0, on_policy_max_new_tokens=4)  # every step samples
+    result = run(load_config(data=lm_run))
+    saved = AutoModelForCausalLM.from_pretrained(result.student_dir)
+    assert saved.config.num_hidden_layers == 1 and saved.config.hidden_size == 16
+    assert result.metrics["validation/kl_to_teacher"] > 0
+
+
+def test_black_box_pipeline_generate_then_sft(lm_run: dict, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"hello how are you {i}"}) + "\n" for i in range(6)))
+    data = tmp_path / "generated.jsonl"
+    teacher = lm_run["teacher"]["path"]
+    assert main(["generate", "--teacher", teacher, "--prompts", str(prompts), "--out", str(data),
+                 "--max-new-tokens", "5", "--batch-size", "4"]) == 0  # fmt: skip
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(lines) == 6 and all(line["messages"][-1]["role"] == "assistant" for line in lines)
+    lm_run["mode"] = "baseline"
+    lm_run["data"]["files"]["train"] = str(data)
+    result = run(load_config(data=lm_run))
+    assert json.loads((result.output_dir / "run.json").read_text())["status"] == "complete"
+
+
 def test_baseline_is_sft_without_a_teacher(lm_run: dict) -> None:
     lm_run["mode"] = "baseline"
     result = run(load_config(data=lm_run))

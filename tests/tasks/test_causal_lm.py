@@ -8,7 +8,7 @@ import torch
 from conftest import make_causal_batch, make_tiny_chat_tokenizer, make_tiny_llama, make_tiny_qwen
 from kdistill.distillers import Distiller, Objective
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.tasks import TASKS, CausalLMTask, lm_agreement
+from kdistill.tasks import TASKS, CausalLMTask, evaluate_lm, lm_agreement
 from kdistill.training import TrainConfig, train
 
 RECORDS = [
@@ -87,6 +87,8 @@ def test_metrics_and_agreement_match_references() -> None:
     assert agreement["teacher_agreement"] == pytest.approx(agree / count)
     assert agreement["kl_to_teacher"] == pytest.approx(kl / count, rel=1e-6)
     assert lm_agreement(teacher, teacher, batches) == {"teacher_agreement": 1.0, "kl_to_teacher": 0.0}
+    one_pass = evaluate_lm(model, batches, teacher=teacher)
+    assert one_pass == pytest.approx({**scores, **agreement}, rel=1e-12)
 
 
 def test_only_completions_are_learned() -> None:

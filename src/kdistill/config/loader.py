@@ -50,27 +50,60 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int) -> None:
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (two variants of one name would silently merge)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        except TypeError:  # an unhashable key; construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml_mapping(file: Path, what: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; every problem (missing, invalid, empty, a key given twice) is one line."""
+    if not file.is_file():
+        raise ConfigError(f"{what} {file} does not exist")
+    try:
+        loaded = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKey as error:
+        raise ConfigError(f"{file}: key {error.key!r} appears twice (line {error.line})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{file} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        raise ConfigError(f"{file} is empty")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{file} must hold a mapping of settings at the top, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
                 data: dict[str, Any] | None = None) -> RunConfig:  # fmt: skip
     """Read ``path`` (or use ``data``), apply ``overrides``, validate; every problem is one :class:`ConfigError`."""
     if data is None:
         if path is None:
             raise ConfigError("no config file given")
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {file} does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError(f"{file} is not valid YAML{where}: {problem}") from None
-        if loaded is None:
-            raise ConfigError(f"{file} is empty")
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{file} must hold a mapping of settings at the top, got {type(loaded).__name__}")
-        data = loaded
+        data = read_yaml_mapping(Path(path), "config file")
     data = apply_overrides(copy.deepcopy(data), overrides)
     try:
         return RunConfig.model_validate(data)

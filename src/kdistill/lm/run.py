@@ -118,29 +118,22 @@ def lora_config(config: RunConfig) -> Any:
 
 def evaluate_causal_lm(parts: Any, model: Any, split: str, batch_size: int) -> dict[str, float]:
     """Perplexity, next-token accuracy and, when the run has a teacher, agreement and KL to it, on ``split``."""
-    from kdistill.tasks import lm_agreement, make_batches
+    from kdistill.tasks import make_batches
+    from kdistill.tasks.causal_lm import evaluate_lm
 
     batches = make_batches(parts.eval_examples[split], parts.collate, batch_size)
-    metrics = parts.task.compute_metrics(parts.task.predict(model, batches), batches)
-    if parts.teacher is not None:
-        metrics.update(lm_agreement(model, parts.teacher, batches))
-    return metrics
+    return evaluate_lm(model, batches, teacher=parts.teacher)
 
 
 def run_causal_lm(config: RunConfig) -> Any:
     """Carry out one causal-LM run (see the module docstring for what it writes)."""
     from kdistill.integrations.hf import DistillationTrainer
-    from kdistill.run import RunResult, run_status, write_json_atomically
+    from kdistill.run import RunResult, check_output_dir, write_json_atomically
     from kdistill.runparts import build_parts
 
     check_causal_lm_config(config)
     start = time.perf_counter()
-    out = Path(config.output_dir)
-    status = run_status(out)
-    if status == "complete" and not config.resume:
-        raise KdistillError(f"output_dir {out} already holds a complete run; choose another output_dir")
-    if out.exists() and status is None and any(out.iterdir()) and not config.resume:
-        raise KdistillError(f"output_dir {out} exists and is not empty; choose another output_dir")
+    out = check_output_dir(config)
     parts = build_parts(config)
     tokenizer = parts.student_tokenizer
     if tokenizer.pad_token_id is None:

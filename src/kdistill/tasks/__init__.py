@@ -8,7 +8,7 @@
 
 from kdistill.registry import Registry
 from kdistill.tasks.base import Task, evaluate_task, make_batches, predict_logits
-from kdistill.tasks.causal_lm import CausalLMTask, CausalLMView, lm_agreement
+from kdistill.tasks.causal_lm import CausalLMTask, CausalLMView, evaluate_lm, lm_agreement
 from kdistill.tasks.classification import SequenceClassificationTask
 from kdistill.tasks.qa import QAView, QuestionAnsweringTask
 from kdistill.tasks.token import TokenClassificationTask, align_labels, read_conll
@@ -29,6 +29,7 @@ __all__ = [
     "Task",
     "TokenClassificationTask",
     "align_labels",
+    "evaluate_lm",
     "evaluate_task",
     "lm_agreement",
     "make_batches",

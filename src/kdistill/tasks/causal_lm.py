@@ -190,13 +190,30 @@ def lm_agreement(
     Returns ``teacher_agreement`` (fraction of positions where both models' most likely next token is the same)
     and ``kl_to_teacher`` (mean KL(p_teacher ‖ p_student) in nats, at ``temperature``).
     """
-    agree = kl = count = 0.0
-    pairs = zip(
-        _logits_per_batch(student, batches, inputs="student"),
-        _logits_per_batch(teacher, batches, inputs="teacher"),
-        strict=True,
-    )
-    for (batch, s_logits), (_, t_logits) in pairs:
+    scores = evaluate_lm(student, batches, teacher=teacher, temperature=temperature)
+    return {key: scores[key] for key in ("teacher_agreement", "kl_to_teacher")}
+
+
+def evaluate_lm(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Any]],
+    *,
+    teacher: nn.Module | None = None,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Every causal-LM score in one pass over ``batches`` (one forward of each model per batch).
+
+    ``loss`` (mean NLL per counted next token), ``perplexity`` and ``next_token_accuracy`` against the labels; with a
+    ``teacher``, also ``teacher_agreement`` and ``kl_to_teacher`` (see :func:`lm_agreement`).
+    """
+    totals = torch.zeros(3, dtype=torch.float64)  # nll, correct, count
+    agree = kl = 0.0
+    teacher_logits = _logits_per_batch(teacher, batches, inputs="teacher") if teacher is not None else None
+    for batch, s_logits in _logits_per_batch(model, batches, inputs="student"):
+        totals += next_token_stats(s_logits, batch["labels"])
+        if teacher_logits is None:
+            continue
+        _, t_logits = next(teacher_logits)
         counted = counted_next_tokens(batch["labels"].to(s_logits.device))
         s_rows, t_rows = s_logits[counted].double(), t_logits.to(s_logits.device)[counted].double()
         if s_rows.shape[-1] != t_rows.shape[-1]:
@@ -207,10 +224,14 @@ def lm_agreement(
         t_logp = (t_rows / temperature).log_softmax(-1)
         s_logp = (s_rows / temperature).log_softmax(-1)
         kl += float((t_logp.exp() * (t_logp - s_logp)).sum())
-        count += int(counted.sum())
+    nll, correct, count = (float(v) for v in totals)
     if count == 0:
         raise InvalidArgumentError("no counted next-token position in the evaluated examples (all labels -100)")
-    return {"teacher_agreement": agree / count, "kl_to_teacher": kl / count}
+    loss = nll / count
+    scores = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "next_token_accuracy": correct / count}
+    if teacher is not None:
+        scores.update(teacher_agreement=agree / count, kl_to_teacher=kl / count)
+    return scores
 
 
 def _logits_per_batch(model: nn.Module, batches: Sequence[Mapping[str, Any]], *, inputs: str):
