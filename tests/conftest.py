@@ -8,7 +8,7 @@ attention (so attention maps can be returned) unless asked otherwise, and is ret
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -219,6 +219,21 @@ def make_causal_batch(
     inputs = make_batch(batch, seq, vocab, seed=seed)
     inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     return inputs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_kdistill_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every cache a test run fills (de-quantized GGUF teachers, fine-tuned teachers) lives in one temporary
+    directory for the session: tests never read or write the user's ~/.cache/kdistill."""
+    import os
+
+    previous = os.environ.get("KDISTILL_CACHE")
+    os.environ["KDISTILL_CACHE"] = str(tmp_path_factory.mktemp("kdistill-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KDISTILL_CACHE", None)
+    else:
+        os.environ["KDISTILL_CACHE"] = previous
 
 
 @pytest.fixture

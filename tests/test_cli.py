@@ -48,3 +48,20 @@ def test_quick_demo_runs_offline_end_to_end(tmp_path, capsys):
     # a second run keeps the finished runs and the cached teacher
     run_demo(tmp_path / "demo", quick=True, cache_dir=str(tmp_path / "cache"))
     assert capsys.readouterr().out.count("already complete, kept") == 3
+
+
+@pytest.mark.slow
+def test_quick_llm_demo_runs_offline_end_to_end(tmp_path, capsys):
+    """The LLM demo's whole path on the real SmolLM2 and the real dialogs, with tiny step counts."""
+    import csv
+
+    assert main(["demo", "--llm", "--quick", "--out", str(tmp_path / "llm")]) == 0
+    out = tmp_path / "llm"
+    rows = {row["model"]: row for row in csv.DictReader((out / "llm_demo.csv").open())}
+    assert {"teacher (30 layers)", "student, untrained (6 layers)", "sft", "forward_kl", "jsd"} <= set(rows)
+    for variant in ("sft", "forward_kl", "reverse_kl", "jsd", "kl+ce"):
+        scores = json.loads((out / variant / "eval.json").read_text())
+        assert float(rows[variant]["perplexity"]) == pytest.approx(scores["test/perplexity"])
+        assert float(rows[variant]["teacher_agreement"]) == pytest.approx(scores["test/teacher_agreement"])
+    assert float(rows["teacher (30 layers)"]["params"]) > 2.5 * float(rows["sft"]["params"])
+    assert "| forward_kl |" in capsys.readouterr().out

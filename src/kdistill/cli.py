@@ -104,6 +104,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     data_path = Path(args.data)
     config = _run_config_for(args.data, None if data_path.is_dir() else args.data, args.overrides)
+    if config.task == "causal_lm":
+        raise KdistillError(
+            "kdistill compare covers classification, NER and QA runs; a causal-LM run's eval.json already holds "
+            "perplexity, agreement and KL to its teacher, and `kdistill experiment` puts several runs in one table"
+        )
     teacher_path = _model_dir(args.teacher)
     parts = _parts_with_model(config, teacher_path)
     task = parts.task

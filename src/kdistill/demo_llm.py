@@ -106,6 +106,7 @@ def run_llm_demo(
             row[name] = result.metrics.get(f"test/{name}")
         row["params"] = result.params
         row["compression"] = teacher_params / result.params if result.params else None
+        row["speed_up"] = rows[1]["speed_up"]  # every student has the untrained one's architecture
         row["train_s"] = result.seconds
         if result.error:
             row["error"] = result.error
@@ -121,7 +122,9 @@ def run_llm_demo(
             f"Held-out test split of the chatterbot dialogs ({reference.data.limit.get('test')} pairs); "
             "only reply tokens are counted. perplexity and next_token_accuracy against the reference replies; "
             "teacher_agreement = same most likely next token as the teacher; kl_to_teacher = KL(teacher ‖ model) "
-            "per token (nats). params counts tied embeddings once.",
+            "per token (nats). params counts tied embeddings once. examples_s: forward passes over 4 test batches "
+            f"of {reference.training.eval_batch_size}, one run on this machine; every student shares the untrained "
+            "one's architecture, hence its speed_up.",
             f"Demo wall time: {seconds:.0f} s on this machine ({'quick' if quick else 'full'} settings).",
         ],
         stem="llm_demo",
@@ -142,6 +145,7 @@ def _reference_rows(config: Any) -> list[dict[str, Any]]:
     """The teacher and the cut student before training, scored on the run's test split."""
     import torch
 
+    from kdistill.eval.speed import count_parameters, measure_throughput
     from kdistill.runparts import build_parts
     from kdistill.tasks import evaluate_lm, make_batches
 
@@ -156,13 +160,15 @@ def _reference_rows(config: Any) -> list[dict[str, Any]]:
         teacher_scores = evaluate_lm(parts.teacher, batches)  # agreement with itself is 1 and KL 0 by definition
         teacher_scores.update(teacher_agreement=1.0, kl_to_teacher=0.0)
         student_scores = evaluate_lm(parts.student, batches, teacher=parts.teacher)
+    timed = batches[:4]
     for name, model, scores in (
         ("teacher (30 layers)", parts.teacher, teacher_scores),
         ("student, untrained (6 layers)", parts.student, student_scores),
     ):
-        params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        row = {"model": name, **{key: scores.get(key) for key in COLUMNS}, "params": params}
-        row["compression"] = 1.0 if model is parts.teacher else rows[0]["params"] / params
+        row = {"model": name, **{key: scores.get(key) for key in COLUMNS}, "params": count_parameters(model)}
+        row["compression"] = 1.0 if model is parts.teacher else rows[0]["params"] / row["params"]
+        row["examples_s"] = measure_throughput(model, timed)
+        row["speed_up"] = 1.0 if model is parts.teacher else row["examples_s"] / rows[0]["examples_s"]
         row["train_s"] = None
         rows.append(row)
     return rows

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
@@ -16,6 +17,7 @@ from kdistill.config import load_config
 from kdistill.errors import InvalidArgumentError
 from kdistill.lm.run import check_causal_lm_config
 from kdistill.run import run
+from kdistill.students import from_teacher
 
 WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "i", "like", "love", "you", "what", "how", "name"]
 
@@ -89,8 +91,18 @@ def test_lora_student_and_chunked_loss_through_the_cli(lm_run: dict, tmp_path: P
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(lm_run))
     assert main(["train", str(path), "distill.chunked_loss=true", "distill.chunk_size=16"]) == 0
-    scores = json.loads((Path(lm_run["output_dir"]) / "eval.json").read_text())
+    out = Path(lm_run["output_dir"])
+    scores = json.loads((out / "eval.json").read_text())
     assert scores["validation/perplexity"] > 1.0
+    assert (out / "student_adapter" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "student")  # a plain model: the adapter merged in
+    assert not any("lora" in name for name in merged.state_dict())
+    base = AutoModelForCausalLM.from_pretrained(lm_run["teacher"]["path"])
+    with_adapter = PeftModel.from_pretrained(from_teacher(base, [0, 3]), out / "student_adapter").eval()
+    ids = torch.tensor([[4, 6, 20, 21, 2]])
+    with torch.no_grad():
+        expected = with_adapter(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ share one implementation of the loss (global token normalization, vocabulary pol
 batches, LoRA). Data, tokenizer, teacher and student come from the same builders as every other run
 (:func:`kdistill.runparts.build_parts`); the run directory holds the same ``run.json``, ``config.yaml``,
 ``student/`` and ``eval.json`` (perplexity, next-token accuracy and, with a teacher, agreement and KL to it).
+A LoRA student is saved twice: its adapter in ``student_adapter/`` and, merged into the base weights, as a plain
+model in ``student/`` (what every other run writes, loadable with ``AutoModelForCausalLM.from_pretrained``).
 """
 
 from __future__ import annotations
@@ -165,9 +167,14 @@ def run_causal_lm(config: RunConfig) -> Any:
         resume = config.resume and any((out / "trainer").glob("checkpoint-*"))
         trainer.train(resume_from_checkpoint=True if resume else None)
         student_dir = out / "student"
-        trainer.save_model(str(student_dir))
-        tokenizer.save_pretrained(student_dir)
         model = trainer.model
+        if config.student.lora is not None:  # the adapter beside a plain, merged student that from_pretrained loads
+            trainer.save_model(str(out / "student_adapter"))
+            model = model.merge_and_unload()
+            model.save_pretrained(student_dir)
+        else:
+            trainer.save_model(str(student_dir))
+        tokenizer.save_pretrained(student_dir)
         metrics: dict[str, float] = {}
         for split in ("validation", "test"):
             if parts.has_split(split):
