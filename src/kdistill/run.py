@@ -8,10 +8,12 @@ training — the config, the data's columns and labels, the models' sizes — is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +94,23 @@ def check_output_dir(config: RunConfig) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def recorded_run(out: Path, config: RunConfig, start: float) -> Iterator[dict[str, float]]:
+    """The run directory's bookkeeping around training: ``run.json`` says running, then failed (with the error) or
+    complete (with the seconds since ``start``, also put in the yielded dict), and ``config.yaml`` holds the config."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(out / "run.json", {"status": "running", "mode": config.mode, "started": time.time()})
+    (out / "config.yaml").write_text(dump_config(config))
+    record: dict[str, float] = {}
+    try:
+        yield record
+    except BaseException as error:
+        write_json_atomically(out / "run.json", {"status": "failed", "mode": config.mode, "error": str(error)})
+        raise
+    record["seconds"] = time.perf_counter() - start
+    write_json_atomically(out / "run.json", {"status": "complete", "mode": config.mode, "seconds": record["seconds"]})
+
+
 def run(config: RunConfig) -> RunResult:
     """Carry out one run; see the module docstring for what it writes."""
     if config.task == "causal_lm":
@@ -132,10 +151,7 @@ def run(config: RunConfig) -> RunResult:
     # everything below the first write is validated here: the probe runs every active term once
     distiller.setup(parts.collate(parts.train_examples[: config.training.batch_size]))
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / "run.json", {"status": "running", "mode": config.mode, "started": time.time()})
-    (out / "config.yaml").write_text(dump_config(config))
-    try:
+    with recorded_run(out, config, start) as record:
         eval_fn = (lambda model: evaluate(parts, model, split="validation")) if parts.has_validation else None
         train(distiller, parts.train_examples, make_training_config(config), collate_fn=parts.collate, eval_fn=eval_fn)
         student_dir = out / "student"
@@ -145,12 +161,7 @@ def run(config: RunConfig) -> RunResult:
             if parts.has_split(split):
                 metrics.update({f"{split}/{k}": v for k, v in evaluate(parts, trained, split=split).items()})
         write_json_atomically(out / "eval.json", metrics)
-    except BaseException as error:
-        write_json_atomically(out / "run.json", {"status": "failed", "mode": config.mode, "error": str(error)})
-        raise
-    seconds = time.perf_counter() - start
-    write_json_atomically(out / "run.json", {"status": "complete", "mode": config.mode, "seconds": seconds})
-    return RunResult(out, student_dir, metrics, seconds)
+    return RunResult(out, student_dir, metrics, record["seconds"])
 
 
 def config_hash(*parts: Any) -> str:

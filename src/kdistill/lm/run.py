@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdistill.config import RunConfig, dump_config
+from kdistill.config import RunConfig
 from kdistill.errors import InvalidArgumentError, KdistillError
 
 
@@ -130,7 +130,7 @@ def evaluate_causal_lm(parts: Any, model: Any, split: str, batch_size: int) -> d
 def run_causal_lm(config: RunConfig) -> Any:
     """Carry out one causal-LM run (see the module docstring for what it writes)."""
     from kdistill.integrations.hf import DistillationTrainer
-    from kdistill.run import RunResult, check_output_dir, write_json_atomically
+    from kdistill.run import RunResult, check_output_dir, recorded_run, write_json_atomically
     from kdistill.runparts import build_parts
 
     check_causal_lm_config(config)
@@ -160,10 +160,7 @@ def run_causal_lm(config: RunConfig) -> Any:
         data_collator=collator,
         processing_class=tokenizer,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / "run.json", {"status": "running", "mode": config.mode, "started": time.time()})
-    (out / "config.yaml").write_text(dump_config(config))
-    try:
+    with recorded_run(out, config, start) as record:
         resume = config.resume and any((out / "trainer").glob("checkpoint-*"))
         trainer.train(resume_from_checkpoint=True if resume else None)
         student_dir = out / "student"
@@ -181,9 +178,4 @@ def run_causal_lm(config: RunConfig) -> Any:
                 scores = evaluate_causal_lm(parts, model, split, config.training.eval_batch_size)
                 metrics.update({f"{split}/{key}": value for key, value in scores.items()})
         write_json_atomically(out / "eval.json", metrics)
-    except BaseException as error:
-        write_json_atomically(out / "run.json", {"status": "failed", "mode": config.mode, "error": str(error)})
-        raise
-    seconds = time.perf_counter() - start
-    write_json_atomically(out / "run.json", {"status": "complete", "mode": config.mode, "seconds": seconds})
-    return RunResult(out, student_dir, metrics, seconds)
+    return RunResult(out, student_dir, metrics, record["seconds"])
