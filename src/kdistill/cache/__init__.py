@@ -1,0 +1,33 @@
+"""Teacher outputs cached on disk: top-k log-probabilities per counted position (see :mod:`kdistill.cache.store`)."""
+
+from kdistill.cache.store import (
+    FORMAT_VERSION,
+    MANIFEST_FIELDS,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheReader,
+    build_manifest,
+    dataset_fingerprint,
+    dense_logprobs,
+    num_shards,
+    shard_name,
+    tokenizer_hash,
+    topk_entries,
+    write_cache,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_FIELDS",
+    "CacheIncompleteError",
+    "CacheMismatchError",
+    "CacheReader",
+    "build_manifest",
+    "dataset_fingerprint",
+    "dense_logprobs",
+    "num_shards",
+    "shard_name",
+    "tokenizer_hash",
+    "topk_entries",
+    "write_cache",
+]

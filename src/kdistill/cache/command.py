@@ -1,0 +1,112 @@
+"""``kdistill cache RUN.yaml``: run the run's teacher once over its training data and keep its top-k outputs on disk.
+
+The cache is keyed by what shapes the teacher's outputs (teacher, tokenizer, data, k, dtype, temperature): a
+second call with the same run resumes from the last complete shard, and a call with another setting is refused,
+naming the field. Under ``accelerate launch`` (or any launcher that sets ``RANK`` and ``WORLD_SIZE``) each process
+writes its own shards of the same cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kdistill.errors import InvalidArgumentError
+
+
+def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "cache", help="run a run's teacher once over its training data; keep its top-k outputs on disk (resumable)"
+    )
+    parser.add_argument("config", help="the run's YAML file (its data, task and teacher are used)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.limit.train=1000")
+    parser.add_argument("--out", required=True, help="the cache directory (created; a rerun resumes it)")
+    parser.add_argument("--k", default="64", help="log-probabilities kept per position: a number, or 'all'")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=1024, help="examples per shard")
+    parser.set_defaults(func=cmd_cache)
+    return parser
+
+
+def _worker() -> tuple[int, int]:
+    """This process's rank and the number of processes (1 process when no launcher set them)."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise InvalidArgumentError("RANK and WORLD_SIZE must be integers when set") from None
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from kdistill.cache.store import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
+    from kdistill.config import load_config
+    from kdistill.runparts import build_parts
+
+    config = load_config(args.config, args.overrides)
+    if config.teacher is None:
+        raise InvalidArgumentError("the run has no teacher section: there is nothing to cache")
+    if not isinstance(config.distill.temperature, (int, float)):
+        raise InvalidArgumentError("distill.temperature must be a number to cache the teacher's outputs at it")
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise InvalidArgumentError(
+            f"--batch-size and --shard-size must be >= 1, got {args.batch_size} and {args.shard_size}"
+        )
+    started = time.perf_counter()
+    parts = build_parts(config.model_copy(update={"mode": "distill"}))
+    teacher = parts.task.adapt_teacher(
+        parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
+    )
+    view = parts.task.view
+    probe = parts.collate(parts.train_examples[:1])
+    from kdistill.tasks.base import predict_logits
+
+    vocab = int(predict_logits(teacher, [probe], view, inputs="teacher")[0][0].shape[-1])
+    k = vocab if args.k == "all" else _positive_int(args.k, "--k")
+    if k > vocab:
+        raise InvalidArgumentError(f"--k {k} is larger than the teacher's {vocab} outputs; use --k all")
+    manifest = build_manifest(
+        teacher=config.teacher.path,
+        teacher_revision=None,
+        tokenizer_hash=tokenizer_hash(parts.teacher_tokenizer),
+        dataset_fingerprint=dataset_fingerprint(parts.train_examples),
+        k=k,
+        dtype=args.dtype,
+        temperature=float(config.distill.temperature),
+        num_examples=len(parts.train_examples),
+        vocab_size=vocab,
+        shard_size=args.shard_size,
+    )
+    worker, workers = _worker()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
+    write_cache(
+        Path(args.out),
+        teacher,
+        parts.train_examples,
+        parts.collate,
+        view,
+        manifest,
+        batch_size=args.batch_size,
+        worker=worker,
+        num_workers=workers,
+        device=device,
+    )
+    print(
+        f"cache {args.out}: {len(parts.train_examples)} examples, k={k} of {vocab}, {args.dtype}, "
+        f"worker {worker + 1} of {workers}, {time.perf_counter() - started:.0f} s"
+    )
+    return 0
+
+
+def _positive_int(text: str, name: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidArgumentError(f"{name} must be a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive integer or 'all', got {value}")
+    return value
