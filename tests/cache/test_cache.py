@@ -153,6 +153,8 @@ def test_sequence_classifier_round_trip(tmp_path: Path) -> None:
     assert reader.manifest["kdistill_version"] == __version__ and reader.manifest["num_heads"] == 1
     check_against_live(reader, teacher, examples, SequenceView(), manifest, batch_size=3)
     assert reader.get(4)[0]["position"].tolist() == [0]
+    assert torch.equal(reader.get(torch.tensor(4))[0]["ids"], reader.get(4)[0]["ids"])  # any integer index
+    assert teacher.training is False
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -221,14 +223,22 @@ def test_resume_writes_only_the_missing_shard(tmp_path: Path, causal_setup, dama
     before = {name: (tmp_path / name).stat().st_mtime_ns for name in (shard_name(0), shard_name(1))}
     written = []
     write_cache(
-        tmp_path, teacher, examples, pad_collate, CausalLMView(), manifest, batch_size=2,
+        tmp_path,
+        teacher,
+        examples,
+        pad_collate,
+        CausalLMView(),
+        manifest,
+        batch_size=2,
         progress=lambda done, total: written.append((done, total)),
-    )  # fmt: skip
+    )
     after = {name: (tmp_path / name).stat().st_mtime_ns for name in before}
     assert after == before
     assert written == [(1, 3), (2, 3), (3, 3)]
     assert shard_bytes(tmp_path) == shard_bytes(reference)
     assert CacheReader(tmp_path).is_complete()
+    assert not any(name.startswith(".") for name in os.listdir(tmp_path))  # the stale temp file is gone
+    check_against_live(CacheReader(tmp_path), teacher, examples, CausalLMView(), manifest, batch_size=2)
 
 
 def test_two_workers_match_one(tmp_path: Path, causal_setup) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -217,8 +218,8 @@ def num_shards(manifest: Mapping[str, Any]) -> int:
     return -(-int(manifest["num_examples"]) // int(manifest["shard_size"]))
 
 
-def _shard_loads(path: Path, num_heads: int) -> bool:
-    """True when ``path`` is a readable shard with every expected tensor (a torn or foreign file is rewritten)."""
+def _shard_loads(path: Path, num_heads: int, k: int) -> bool:
+    """True when ``path`` is a readable shard with every expected tensor, ``k`` wide (a torn file is rewritten)."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -226,11 +227,12 @@ def _shard_loads(path: Path, num_heads: int) -> bool:
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
+            widths = {handle.get_slice(f"head{h}.ids").get_shape()[-1] for h in range(num_heads)} if keys else set()
     except Exception:  # any unreadable file is simply not a finished shard
         return False
     expected = {"example_index", "position"}
     expected |= {f"head{h}.{name}" for h in range(num_heads) for name in ("ids", "logprobs", "leftover")}
-    return expected <= keys
+    return expected <= keys and widths == {k}
 
 
 def topk_entries(
@@ -327,12 +329,14 @@ def _shard_tensors(
         rows, positions = flat.nonzero(as_tuple=True)
         index_parts.append(rows.to(torch.int64) + first)
         position_parts.append(positions.to(torch.int64))
-        for h, logits in enumerate(heads):
-            selected = logits.detach().reshape(flat.shape[0], flat.shape[1], vocab).cpu()[rows, positions]
+        for h, logits in enumerate(heads):  # select and reduce where the logits are: only (n, k) comes back
+            where = logits.device
+            grid = logits.detach().reshape(flat.shape[0], flat.shape[1], vocab)
+            selected = grid[rows.to(where), positions.to(where)]
             ids, logprobs, leftover = topk_entries(selected, k, temperature, dtype)
-            head_parts[h]["ids"].append(ids)
-            head_parts[h]["logprobs"].append(logprobs)
-            head_parts[h]["leftover"].append(leftover)
+            head_parts[h]["ids"].append(ids.cpu())
+            head_parts[h]["logprobs"].append(logprobs.cpu())
+            head_parts[h]["leftover"].append(leftover.cpu())
     tensors: dict[str, torch.Tensor] = {
         "example_index": _cat(index_parts, (0,), torch.int64),
         "position": _cat(position_parts, (0,), torch.int64),
@@ -416,12 +420,14 @@ def write_cache(
         with torch.no_grad():
             for done, shard in enumerate(mine, start=1):
                 path = directory / shard_name(shard)
-                if not _shard_loads(path, heads):
+                if not _shard_loads(path, heads, int(manifest["k"])):
                     start = shard * shard_size
                     stop = min(start + shard_size, int(manifest["num_examples"]))
                     tensors = _shard_tensors(
                         teacher, examples, start, stop, collate, view, manifest, batch_size, target
                     )
+                    for stale in directory.glob(f".{path.name}.tmp-*"):  # left by a killed writer of this shard
+                        stale.unlink(missing_ok=True)
                     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
                     # one metadata key: safetensors writes a dict of several in no fixed order, breaking bit-identity
                     metadata = {"kdistill_cache": json.dumps({"format_version": FORMAT_VERSION, "shard": shard})}
@@ -495,7 +501,10 @@ class CacheReader:
 
     def get(self, example_index: int) -> list[dict[str, torch.Tensor]]:
         """One example's entries, a dict per head: ``ids``, ``logprobs``, ``leftover`` and ``position``."""
-        if not isinstance(example_index, int) or not 0 <= example_index < len(self):
+        if isinstance(example_index, bool) or not hasattr(example_index, "__index__"):
+            raise InvalidArgumentError(f"example_index must be an integer; got {example_index!r}")
+        example_index = operator.index(example_index)
+        if not 0 <= example_index < len(self):
             raise InvalidArgumentError(f"example_index must be in [0, {len(self)}); got {example_index!r}")
         shard = example_index // int(self.manifest["shard_size"])
         handle = self._handle(shard)
