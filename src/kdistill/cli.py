@@ -173,7 +173,7 @@ def _cmd_losses(args: argparse.Namespace) -> int:
         entry = LOSSES.entry(name)
         doc = (entry.obj.__doc__ or "").strip().splitlines()[0] if entry.obj.__doc__ else ""
         aliases = f" (aliases: {', '.join(entry.aliases)})" if entry.aliases else ""
-        print(f"{name:<22}{entry.kind:<12}{doc}{aliases}")
+        print(f"{name:<22}{entry.kind:<17}{doc}{aliases}")
     return 0
 
 
@@ -224,14 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     losses = commands.add_parser("losses", help="list the registered loss functions")
-    losses.add_argument("--kind", choices=["divergence", "hard", "feature"], help="only losses of this kind")
+    losses.add_argument(
+        "--kind", choices=["divergence", "hard", "feature", "cross_tokenizer"], help="only losses of this kind"
+    )
     losses.set_defaults(func=_cmd_losses)
 
+    from kdistill.cache.command import add_cache_parser
     from kdistill.experiment import add_experiment_parser
     from kdistill.lm.generate import add_generate_parser
 
     add_experiment_parser(commands)
     add_generate_parser(commands)
+    add_cache_parser(commands)
     return parser
 
 

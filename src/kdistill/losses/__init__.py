@@ -1,6 +1,12 @@
 """Loss library: pure tensor functions (torch only), checked against float64 references in the tests."""
 
 from kdistill.losses.chunked import chunked_divergence
+from kdistill.losses.cross_tokenizer import (
+    align_by_offsets,
+    aligned_distillation_loss,
+    aligned_distillation_loss_batch,
+    uld_loss,
+)
 from kdistill.losses.divergences import (
     forward_kl,
     generalized_jsd,
@@ -14,9 +20,13 @@ from kdistill.losses.divergences import (
 )
 from kdistill.losses.features import attention_kl, attention_mse, cosine, fsp, hidden_mse, nst, pkd
 from kdistill.losses.registry import LOSSES, get_loss, register_loss
+from kdistill.losses.sparse import sparse_divergence
 
 __all__ = [
     "LOSSES",
+    "align_by_offsets",
+    "aligned_distillation_loss",
+    "aligned_distillation_loss_batch",
     "attention_kl",
     "attention_mse",
     "chunked_divergence",
@@ -34,6 +44,8 @@ __all__ = [
     "skewed_forward_kl",
     "skewed_reverse_kl",
     "soft_cross_entropy",
+    "sparse_divergence",
     "token_cross_entropy",
     "total_variation",
+    "uld_loss",
 ]

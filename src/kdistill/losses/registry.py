@@ -1,7 +1,8 @@
 """The loss registry: config names → loss functions.
 
 Kinds: ``"divergence"`` (student vs teacher logits, see :mod:`kdistill.losses.divergences`), ``"hard"`` (logits vs
-labels) and ``"feature"`` (hidden states or attention maps, see :mod:`kdistill.losses.features`).
+labels), ``"feature"`` (hidden states or attention maps, see :mod:`kdistill.losses.features`) and
+``"cross_tokenizer"`` (logits over different vocabularies, see :mod:`kdistill.losses.cross_tokenizer`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kdistill.losses import cross_tokenizer as _xtok
 from kdistill.losses import divergences as _div
 from kdistill.losses import features as _feat
 from kdistill.registry import Registry
@@ -34,6 +36,8 @@ LOSSES.register("attention_mse", _feat.attention_mse, kind="feature", aliases=("
 LOSSES.register("attention_kl", _feat.attention_kl, kind="feature")
 LOSSES.register("nst", _feat.nst, kind="feature", aliases=("mmd",))
 LOSSES.register("fsp", _feat.fsp, kind="feature")
+# teacher and student with different tokenizers: sorted-probability distance (ULD), any vocabularies
+LOSSES.register("uld", _xtok.uld_loss, kind="cross_tokenizer")
 
 
 def get_loss(name: str | LossFn) -> LossFn:

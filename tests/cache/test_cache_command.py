@@ -1,0 +1,89 @@
+"""``kdistill cache RUN.yaml`` on a tiny causal-LM run and a tiny classification run: written, resumed, refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lm"))
+from test_run import write_model, write_records
+
+from kdistill.cache import CacheReader
+from kdistill.cli import main
+from kdistill.config import load_config
+from kdistill.runparts import build_parts
+from kdistill.tasks.base import predict_logits
+
+
+@pytest.fixture
+def run_yaml(tmp_path: Path) -> Path:
+    config = {
+        "task": "causal_lm",
+        "data": {"files": {"train": str(write_records(tmp_path / "train.jsonl", 10))}, "max_length": 24},
+        "teacher": {"path": str(write_model(tmp_path / "teacher"))},
+        "student": {"kind": "from_teacher", "layers": [0]},
+        "distill": {"kd_loss": "forward_kl", "temperature": 2.0},
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_cache_holds_the_teachers_top_k_and_resumes(run_yaml: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    args = ["cache", str(run_yaml), "--out", str(out), "--k", "5", "--dtype", "float32", "--shard-size", "4"]
+    assert main(args) == 0
+    reader = CacheReader(out)
+    assert reader.is_complete() and len(reader) == 10
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["k"], manifest["temperature"], manifest["vocab_size"]) == (5, 2.0, 128)
+
+    parts = build_parts(load_config(run_yaml).model_copy(update={"mode": "distill"}))
+    example = parts.train_examples[3]
+    batch = parts.collate([example])
+    [[logits]] = predict_logits(parts.teacher, [batch], parts.task.view, inputs="teacher")
+    counted = parts.task.view.kd_mask(batch)[0]
+    expected = torch.log_softmax(logits[0][counted] / 2.0, dim=-1).topk(5, dim=-1)
+    [entry] = reader.get(3)
+    torch.testing.assert_close(entry["logprobs"], expected.values, rtol=1e-6, atol=1e-6)  # batched vs alone
+    assert torch.equal(entry["ids"].long(), expected.indices)
+
+    shards = sorted(out.glob("shard-*.safetensors"))
+    mtimes = {path: path.stat().st_mtime_ns for path in shards}
+    shards[-1].unlink()  # a run killed before its last shard
+    assert main(args) == 0
+    assert all(path.stat().st_mtime_ns == mtimes[path] for path in shards[:-1])
+    assert CacheReader(out).is_complete()
+
+
+def test_cache_of_another_temperature_is_refused_by_name(run_yaml: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cache"
+    assert main(["cache", str(run_yaml), "--out", str(out), "--k", "all"]) == 0
+    assert main(["cache", str(run_yaml), "distill.temperature=1.0", "--out", str(out), "--k", "all"]) == 2
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_two_workers_write_one_cache(run_yaml: Path, tmp_path: Path, monkeypatch) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["cache", str(run_yaml), "--out", str(one), "--shard-size", "3"]) == 0
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["cache", str(run_yaml), "--out", str(two), "--shard-size", "3"]) == 0
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir())
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert os.environ["WORLD_SIZE"] == "2"
+
+
+def test_bad_k_is_refused(run_yaml: Path, tmp_path: Path, capsys) -> None:
+    assert main(["cache", str(run_yaml), "--out", str(tmp_path / "c"), "--k", "500"]) == 2
+    assert "--k 500" in capsys.readouterr().err
