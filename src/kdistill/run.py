@@ -125,11 +125,18 @@ def run(config: RunConfig) -> RunResult:
     out = check_output_dir(config)
 
     parts = build_parts(config)  # data, tokenizers, teacher (fine-tuned if asked), student, examples
+    train_examples, collate = parts.train_examples, parts.collate
     if config.mode == "train_teacher":
         distiller = SupervisedTrainer(parts.teacher, view=parts.task.view)
         trained = parts.teacher
     elif config.mode == "baseline":
         distiller = SupervisedTrainer(parts.student, view=parts.task.view)
+        trained = parts.student
+    elif config.distill.teacher_cache:  # the teacher's outputs from `kdistill cache`: the teacher never runs
+        from kdistill.cache.runs import cached_teacher_parts
+
+        distiller, train_examples, collate = cached_teacher_parts(config, parts, build_objective(config, parts))
+        parts.teacher = None  # built only to shape the student; the cache stands in for it, so it is not kept
         trained = parts.student
     else:
         teacher = parts.task.adapt_teacher(
@@ -149,11 +156,11 @@ def run(config: RunConfig) -> RunResult:
             distiller = Distiller(parts.student, teacher, objective, view=parts.task.view)
         trained = parts.student
     # everything below the first write is validated here: the probe runs every active term once
-    distiller.setup(parts.collate(parts.train_examples[: config.training.batch_size]))
+    distiller.setup(collate(train_examples[: config.training.batch_size]))
 
     with recorded_run(out, config, start) as record:
         eval_fn = (lambda model: evaluate(parts, model, split="validation")) if parts.has_validation else None
-        train(distiller, parts.train_examples, make_training_config(config), collate_fn=parts.collate, eval_fn=eval_fn)
+        train(distiller, train_examples, make_training_config(config), collate_fn=collate, eval_fn=eval_fn)
         student_dir = out / "student"
         parts.student_tokenizer.save_pretrained(student_dir)
         metrics = {}

@@ -87,3 +87,66 @@ def test_two_workers_write_one_cache(run_yaml: Path, tmp_path: Path, monkeypatch
 def test_bad_k_is_refused(run_yaml: Path, tmp_path: Path, capsys) -> None:
     assert main(["cache", str(run_yaml), "--out", str(tmp_path / "c"), "--k", "500"]) == 2
     assert "--k 500" in capsys.readouterr().err
+
+
+def classification_run(tmp_path: Path) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cli"))
+    from cli_support import save_tiny_bert, sentiment_rows, write_csv
+
+    return {
+        "task": "sequence_classification",
+        "data": {
+            "files": {
+                "train": str(write_csv(tmp_path / "train.csv", sentiment_rows(40))),
+                "validation": str(write_csv(tmp_path / "validation.csv", sentiment_rows(16, seed=1))),
+            },
+            "max_length": 16,
+        },
+        "teacher": {"path": str(save_tiny_bert(tmp_path / "teacher"))},
+        "student": {"kind": "from_teacher", "layers": [0, 3]},
+        "distill": {"kd_weight": 1.0, "hard_weight": 0.0, "temperature": 2.0},
+        "training": {
+            "max_steps": 5,
+            "batch_size": 8,
+            "optimizer": "sgd",
+            "learning_rate": 0.5,
+            "log_with": [],
+            "progress": False,
+            "lr_scheduler": "constant",
+            "max_grad_norm": None,
+        },
+    }
+
+
+def test_a_run_from_a_full_cache_ends_like_the_live_run(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from kdistill.run import run
+
+    config = classification_run(tmp_path)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["cache", str(path), "--out", str(tmp_path / "cache"), "--k", "all", "--dtype", "float32"]) == 0
+    live = run(load_config(path, [f"output_dir={tmp_path / 'live'}"]))
+    cached = run(
+        load_config(path, [f"output_dir={tmp_path / 'cached'}", f"distill.teacher_cache={tmp_path / 'cache'}"])
+    )
+    assert cached.metrics == pytest.approx(live.metrics, abs=1e-6)
+    a, b = load_file(live.student_dir / "model.safetensors"), load_file(cached.student_dir / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    start = build_parts(load_config(path)).student.state_dict()
+    assert max(float((a[key] - start[key]).abs().max()) for key in a) > 1e-3  # the runs trained
+
+
+def test_a_run_refuses_a_cache_written_for_other_settings(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(classification_run(tmp_path)))
+    assert main(["cache", str(path), "--out", str(tmp_path / "cache"), "--k", "1"]) == 0
+    args = ["train", str(path), f"output_dir={tmp_path / 'out'}", f"distill.teacher_cache={tmp_path / 'cache'}"]
+    assert main([*args, "distill.temperature=1.0"]) == 2
+    assert "'temperature' is 2.0 but the run has 1.0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert main([*args, "distill.layer_map=last"]) == 2
+    assert "hidden states" in capsys.readouterr().err
+    assert main(args) == 0  # top-1 cache, renormalized: trains

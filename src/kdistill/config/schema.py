@@ -157,6 +157,9 @@ class DistillConfig(Strict):
     stages: list[StageConfig] = Field(default_factory=list)
     teacher_weights: list[float] | None = None  # multi-teacher: weight of each teacher (teacher, extra_teachers...)
     teacher_combine: Literal["fixed", "confidence"] = "fixed"  # multi-teacher: fixed weights or per-example confidence
+    # the teacher's outputs read from a `kdistill cache` directory instead of running the teacher (KD term only)
+    teacher_cache: str | None = None
+    cache_leftover: Literal["renormalize", "uniform"] = "renormalize"  # the mass outside the cached top k
     # causal_lm only
     chunked_loss: bool = False  # the divergence from hidden states and LM heads, chunk by chunk: no (B, T, V) logits
     chunk_size: int = Field(1024, gt=0)

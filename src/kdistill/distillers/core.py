@@ -36,7 +36,7 @@ from kdistill.features import FeatureTap, resolve_feature
 from kdistill.losses import token_cross_entropy
 
 View = SequenceView | TokenView
-_NON_MODEL_KEYS = {"labels", "task", "teacher_logits", "student", "teacher", "example_id", "idx"}
+_NON_MODEL_KEYS = {"labels", "task", "teacher_logits", "teacher_topk", "student", "teacher", "example_id", "idx"}
 
 
 def model_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
@@ -292,6 +292,8 @@ class Distiller:
             for match in self.objective.matches:
                 features[match.name] = student_features["teacher::" + match.name].detach()
             return features, None
+        if "teacher_topk" in batch and not self.objective.matches:
+            return features, None  # the KD term reads the cached top-k (see _terms_from)
         if "teacher_logits" in batch and not self.objective.matches:
             cached = batch["teacher_logits"]
             return features, [list(cached) if isinstance(cached, (list, tuple)) else [cached]]
@@ -343,7 +345,9 @@ class Distiller:
     ) -> dict[str, TermValue]:
         terms: dict[str, TermValue] = {}
         student_logits = self._student_logits(outputs)
-        if weights.get("kd", 0.0) != 0.0:
+        if weights.get("kd", 0.0) != 0.0 and teacher_logits is None and "teacher_topk" in batch:
+            terms["kd"] = self._cached_kd_term(student_logits, batch)
+        elif weights.get("kd", 0.0) != 0.0:
             if teacher_logits is None:
                 raise KdistillError("the KD term has weight > 0 but there is no teacher and no cached teacher_logits")
             mask = self.view.kd_mask(batch)
@@ -385,6 +389,39 @@ class Distiller:
                 )
             terms[match.name] = self.objective.match_term(match, s_feature, t_feature.to(s_feature.dtype), mask)
         return terms
+
+    def _cached_kd_term(self, student_logits: list[torch.Tensor], batch: Mapping[str, Any]) -> TermValue:
+        """The KD term against the teacher's cached top-k outputs (``batch["teacher_topk"]``), at the cache's
+        temperature, as a sum over the counted positions (× T² when configured)."""
+        from kdistill.losses.sparse import sparse_divergence
+
+        cached = batch["teacher_topk"]
+        heads, temperature = cached["heads"], float(cached["temperature"])
+        if len(heads) != len(student_logits):
+            raise ShapeMismatchError(
+                f"the cache holds {len(heads)} heads but the student's view gives {len(student_logits)} logits"
+            )
+        view_mask = self.view.kd_mask(batch)
+        kwargs = {k: v for k, v in self.objective.kd_kwargs.items() if k != "vocab_policy"}
+        total = None
+        for s_logits, head in zip(student_logits, heads, strict=True):
+            mask = head["mask"] if view_mask is None else head["mask"] & view_mask.bool()
+            values = sparse_divergence(
+                s_logits,
+                head["ids"],
+                head["logprobs"],
+                head["leftover"],
+                mask,
+                divergence=self.objective.kd_loss,
+                temperature=temperature,
+                leftover_policy=cached["leftover_policy"],
+                reduction="sum",
+                **kwargs,
+            )
+            if self.objective.t2_scaling:
+                values = values * temperature**2
+            total = values if total is None else total + values
+        return TermValue(total, "logit_positions")
 
     def projections_state(self) -> dict[str, torch.Tensor]:
         """The projections' weights, keyed by match name, for saving beside the student."""

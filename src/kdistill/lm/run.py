@@ -31,6 +31,11 @@ def check_causal_lm_config(config: RunConfig) -> None:
         raise InvalidArgumentError("teacher.fine_tune is not available for task causal_lm; use teacher.adapter")
     if config.extra_teachers:
         raise InvalidArgumentError("extra_teachers is not available for task causal_lm (one teacher)")
+    if spec.teacher_cache is not None:
+        raise InvalidArgumentError(
+            "distill.teacher_cache is not available for task causal_lm yet (the engine's tasks read it); "
+            "run the teacher live, with distill.chunked_loss for memory"
+        )
     if spec.layer_map is not None or spec.matches or spec.stages:
         raise InvalidArgumentError(
             "distill.layer_map, distill.matches and distill.stages are not available for task causal_lm; "

@@ -1,0 +1,67 @@
+"""A run that reads its teacher's outputs from a cache (``distill.teacher_cache``) instead of running the teacher.
+
+The cache must have been written by ``kdistill cache`` for this run: the same teacher, teacher tokenizer, training
+examples (in order) and temperature. Anything else is refused, naming the manifest field that differs, before any
+training starts. Only the KD term reads the cache; intermediate matches need hidden states the cache does not
+hold, so they are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kdistill.errors import InvalidArgumentError
+
+
+def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+    """``(distiller, training examples, collate)`` for a run whose KD term reads ``config.distill.teacher_cache``."""
+    from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
+    from kdistill.cache.store import (
+        CacheIncompleteError,
+        CacheReader,
+        build_manifest,
+        dataset_fingerprint,
+        tokenizer_hash,
+    )
+    from kdistill.distillers import Distiller
+    from kdistill.distillers.views import SequenceView, TokenView
+    from kdistill.tasks.causal_lm import CausalLMView
+
+    spec = config.distill
+    if objective.matches:
+        raise InvalidArgumentError(
+            "distill.teacher_cache holds the teacher's output distributions only; distill.layer_map and "
+            "distill.matches need its hidden states, so they cannot be used with a cache"
+        )
+    if parts.extra_teachers:
+        raise InvalidArgumentError("distill.teacher_cache replaces one teacher; extra_teachers cannot be cached")
+    if not isinstance(spec.temperature, (int, float)):
+        raise InvalidArgumentError("distill.temperature must be a number with distill.teacher_cache (no schedule)")
+    view = parts.task.view
+    if not isinstance(view, (SequenceView, TokenView, CausalLMView)):
+        raise InvalidArgumentError(f"distill.teacher_cache is not available for the {parts.task.name!r} task")
+    reader = CacheReader(spec.teacher_cache)
+    if not reader.is_complete():
+        raise CacheIncompleteError(
+            f"distill.teacher_cache: the cache at {spec.teacher_cache} is missing shards; rerun kdistill cache"
+        )
+    found = reader.manifest
+    expected = build_manifest(
+        teacher=config.teacher.path if config.teacher is not None else found["teacher"],
+        teacher_revision=found["teacher_revision"],
+        tokenizer_hash=tokenizer_hash(parts.teacher_tokenizer) if parts.teacher_tokenizer else found["tokenizer_hash"],
+        dataset_fingerprint=dataset_fingerprint(parts.train_examples),
+        k=int(found["k"]),
+        dtype=found["dtype"],
+        temperature=float(spec.temperature),
+        num_examples=len(parts.train_examples),
+        vocab_size=int(found["vocab_size"]),
+        shard_size=int(found["shard_size"]),
+        num_heads=int(found["num_heads"]),
+    )
+    reader.check_against(expected)
+    collate = CachedTeacherCollate(
+        parts.collate, reader, per_token=not isinstance(view, SequenceView), leftover_policy=spec.cache_leftover
+    )
+    distiller = Distiller(parts.student, None, objective, view=view)
+    return distiller, with_cache_index(parts.train_examples), collate
