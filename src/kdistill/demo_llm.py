@@ -146,14 +146,10 @@ def _reference_rows(config: Any) -> list[dict[str, Any]]:
     import torch
 
     from kdistill.eval.speed import count_parameters, measure_throughput
-    from kdistill.runparts import build_parts
+    from kdistill.lm.run import causal_lm_parts
     from kdistill.tasks import evaluate_lm, make_batches
 
-    parts = build_parts(config)
-    tokenizer = parts.student_tokenizer
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    parts.task.pad_token_id = tokenizer.pad_token_id
+    parts = causal_lm_parts(config)
     batches = make_batches(parts.eval_examples["test"], parts.collate, config.training.eval_batch_size)
     rows = []
     with torch.no_grad():

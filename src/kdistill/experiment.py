@@ -41,7 +41,6 @@ import difflib
 import io
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +50,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kdistill._io import atomic_write_bytes
 from kdistill.config import ConfigError, RunConfig, load_config, parse_overrides
 from kdistill.config.loader import read_yaml_mapping
 from kdistill.errors import InvalidArgumentError, KdistillError
@@ -483,7 +483,7 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, 
     if errors:
         lines += ["Errors:", "", *(f"- `{name}`: {format_cell(error)}" for name, error in errors), ""]
     markdown = out / f"{stem}.md"
-    _write_atomically(markdown, "\n".join(lines).encode())
+    atomic_write_bytes(markdown, "\n".join(lines).encode())
 
     csv_columns = [*columns, "error"] if errors and "error" not in columns else columns
     buffer = io.StringIO()
@@ -492,10 +492,10 @@ def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, 
     for row in rows:
         writer.writerow(["" if row.get(c) is None else row[c] for c in csv_columns])
     csv_path = out / f"{stem}.csv"
-    _write_atomically(csv_path, buffer.getvalue().encode())
+    atomic_write_bytes(csv_path, buffer.getvalue().encode())
 
     if png is not None:
-        _write_atomically(png, _bar_chart(rows, metrics, label, title))
+        atomic_write_bytes(png, _bar_chart(rows, metrics, label, title))
     return ComparisonPaths(markdown, csv_path, png, table)
 
 
@@ -542,12 +542,6 @@ def _bar_chart(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], label:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- command line

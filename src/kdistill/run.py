@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from kdistill._io import write_json_atomically
 from kdistill.config import RunConfig, dump_config
 from kdistill.errors import KdistillError
 
@@ -59,12 +60,6 @@ def resolve_model_path(path: str, field: str = "teacher.path") -> str:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
-
-
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 @dataclass

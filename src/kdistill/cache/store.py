@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from kdistill._io import write_json_atomically
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 
 FORMAT_VERSION = 1
@@ -169,12 +170,6 @@ def _first_difference(found: Mapping[str, Any], expected: Mapping[str, Any]) -> 
     return None
 
 
-def _write_json_atomically(path: Path, value: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / MANIFEST_NAME
     if not path.is_file():
@@ -202,7 +197,7 @@ def _ensure_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
                 "use another directory or delete this cache"
             )
         return
-    _write_json_atomically(path, manifest)
+    write_json_atomically(path, manifest)
 
 
 # --------------------------------------------------------------------------------------------------- writing

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from kdistill._io import atomic_write_text
 from kdistill.distillers.views import student_inputs, teacher_inputs
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval.cka import layer_cka
@@ -439,21 +438,6 @@ def compare_markdown(result: Mapping[str, Any]) -> str:
         *("| " + " | ".join(row) + " |" for row in cells),
     ]
     return "\n".join(lines + _cka_markdown(result)) + "\n"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_compare(result: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:

@@ -522,7 +522,7 @@ def _sequences_from_samples(
 
 
 def _default_collator(model: nn.Module, processing_class: Any, *, with_prompts: bool) -> Any:
-    """:class:`kdistill.lm.data.SFTCollator` with the tokenizer's (or model's) pad id, or a right-padding fallback."""
+    """:class:`kdistill.lm.data.SFTCollator` with the tokenizer's (or the model's) pad id."""
     pad_id: int | None = getattr(processing_class, "pad_token_id", None)
     if not isinstance(pad_id, int):
         config = getattr(unwrap_causal_lm(model), "config", None)
@@ -530,32 +530,6 @@ def _default_collator(model: nn.Module, processing_class: Any, *, with_prompts: 
         if not isinstance(pad_id, int):
             eos = getattr(config, "eos_token_id", None)
             pad_id = eos if isinstance(eos, int) else 0
-    try:
-        from kdistill.lm.data import SFTCollator
-    except ImportError:  # pragma: no cover - kdistill.lm.data ships with kdistill
-        return _RightPadCollator(pad_id)
+    from kdistill.lm.data import SFTCollator
+
     return SFTCollator(pad_token_id=pad_id, with_prompts=with_prompts)
-
-
-@dataclass
-class _RightPadCollator:
-    """Right-pads ``input_ids`` (pad id), ``attention_mask`` (0) and ``labels`` (-100; the ids when absent)."""
-
-    pad_token_id: int
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
-        length = max(t.shape[0] for t in ids)
-        batch = {
-            "input_ids": torch.full((len(ids), length), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(ids), length), dtype=torch.long),
-            "labels": torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long),
-        }
-        for row, (example, tokens) in enumerate(zip(examples, ids, strict=True)):
-            n = tokens.shape[0]
-            batch["input_ids"][row, :n] = tokens
-            mask = example.get("attention_mask")
-            batch["attention_mask"][row, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
-            labels = example.get("labels")
-            batch["labels"][row, :n] = tokens if labels is None else torch.as_tensor(labels, dtype=torch.long)
-        return batch

@@ -132,20 +132,29 @@ def evaluate_causal_lm(parts: Any, model: Any, split: str, batch_size: int) -> d
     return evaluate_lm(model, batches, teacher=parts.teacher)
 
 
-def run_causal_lm(config: RunConfig) -> Any:
-    """Carry out one causal-LM run (see the module docstring for what it writes)."""
-    from kdistill.integrations.hf import DistillationTrainer
-    from kdistill.run import RunResult, check_output_dir, recorded_run, write_json_atomically
+def causal_lm_parts(config: RunConfig) -> Any:
+    """The run's parts (:func:`kdistill.runparts.build_parts`) with a pad token the collator pads with (the EOS
+    token when the tokenizer has none, as most causal-LM tokenizers do)."""
     from kdistill.runparts import build_parts
 
-    check_causal_lm_config(config)
-    start = time.perf_counter()
-    out = check_output_dir(config)
     parts = build_parts(config)
     tokenizer = parts.student_tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     parts.task.pad_token_id = tokenizer.pad_token_id
+    return parts
+
+
+def run_causal_lm(config: RunConfig) -> Any:
+    """Carry out one causal-LM run (see the module docstring for what it writes)."""
+    from kdistill.integrations.hf import DistillationTrainer
+    from kdistill.run import RunResult, check_output_dir, recorded_run, write_json_atomically
+
+    check_causal_lm_config(config)
+    start = time.perf_counter()
+    out = check_output_dir(config)
+    parts = causal_lm_parts(config)
+    tokenizer = parts.student_tokenizer
     teacher = None
     if config.mode == "distill":
         teacher = parts.task.adapt_teacher(

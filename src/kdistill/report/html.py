@@ -26,8 +26,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kdistill._io import atomic_write_text
 from kdistill.errors import KdistillError
-from kdistill.eval.compare import atomic_write_text, compare_markdown, compare_rows
+from kdistill.eval.compare import compare_markdown, compare_rows
 
 __all__ = ["build_report"]
 

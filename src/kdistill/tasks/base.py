@@ -224,6 +224,17 @@ def predict_logits(
         view: the task's view (``view.logits(outputs)``).
         inputs: ``"student"`` or ``"teacher"``: which inputs of a batch with separate tokenizations to use.
     """
+    return [[logits.cpu() for logits in heads] for _, heads in iter_logits(model, batches, view, inputs=inputs)]
+
+
+def iter_logits(
+    model: nn.Module, batches: Sequence[Mapping[str, Any]], view: Any, *, inputs: str = "student"
+) -> Iterator[tuple[Mapping[str, Any], list[torch.Tensor]]]:
+    """Yield ``(model inputs of the batch, float32 logits of each head)`` one batch at a time, on the model's device.
+
+    Eval mode, no gradients; the model's mode is restored when the iteration ends. For outputs too large to keep
+    for a whole split (a causal LM's ``(B, T, V)`` logits), reduce each batch as it comes.
+    """
     from kdistill.distillers.core import model_inputs
     from kdistill.distillers.views import student_inputs, teacher_inputs
 
@@ -233,21 +244,19 @@ def predict_logits(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
-    results: list[list[torch.Tensor]] = []
     try:
-        with torch.no_grad():
-            for batch in batches:
-                kwargs = model_inputs(model, pick(batch))
-                kwargs = {
-                    k: v.to(device) if isinstance(v, torch.Tensor) else v
-                    for k, v in kwargs.items()
-                    if k not in _NOT_MODEL_INPUTS
-                }
+        for batch in batches:
+            source = pick(batch)
+            kwargs = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in model_inputs(model, source).items()
+                if k not in _NOT_MODEL_INPUTS
+            }
+            with torch.no_grad():
                 outputs = model(**kwargs)
-                results.append([logits.detach().float().cpu() for logits in view.logits(outputs)])
+            yield source, [logits.detach().float() for logits in view.logits(outputs)]
     finally:
         model.train(was_training)
-    return results
 
 
 def make_batches(

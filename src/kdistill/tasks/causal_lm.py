@@ -20,12 +20,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdistill.distillers.views import _logits_of, student_inputs, teacher_inputs
+from kdistill.distillers.views import _logits_of
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
 from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
-from kdistill.tasks.base import column_values, tokenizers_differ
-
-_NOT_INPUTS = ("labels", "example_id", "prompt_length", "prompt_input_ids", "prompt_attention_mask", "teacher")
+from kdistill.tasks.base import column_values, iter_logits, tokenizers_differ
 
 
 @dataclass(frozen=True)
@@ -235,26 +233,10 @@ def evaluate_lm(
 
 
 def _logits_per_batch(model: nn.Module, batches: Sequence[Mapping[str, Any]], *, inputs: str):
-    """Yield ``(batch, logits)`` one batch at a time (eval mode, no gradients; the model's mode is restored)."""
-    from kdistill.distillers.core import model_inputs
-
-    pick = student_inputs if inputs == "student" else teacher_inputs
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            source = pick(batch)
-            kwargs = {
-                key: value.to(device) if isinstance(value, torch.Tensor) else value
-                for key, value in model_inputs(model, source).items()
-                if key not in _NOT_INPUTS
-            }
-            with torch.no_grad():
-                logits = _logits_of(model(**kwargs))
-            yield source if "labels" in source else batch, logits.float()
-    finally:
-        model.train(was_training)
+    """Yield ``(the inputs holding the labels, logits)`` one batch at a time (see :func:`iter_logits`)."""
+    outputs = iter_logits(model, batches, CausalLMView(), inputs=inputs)
+    for (source, [logits]), batch in zip(outputs, batches, strict=True):
+        yield (source if "labels" in source else batch), logits
 
 
 def _columns(dataset: Any) -> set[str]:
