@@ -19,6 +19,7 @@ under ``accelerate launch``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -154,6 +155,15 @@ def main() -> None:
         "log_history": trainer.state.log_history,
     }
     (out / f"rank-{rank}.json").write_text(json.dumps(record, indent=1))
+    # Shut down in order: every rank has written its files, then the DDP model (whose reducer holds the gloo group)
+    # is freed, then the group is destroyed. Left to interpreter exit, the gloo teardown sometimes aborted a rank
+    # ("terminate called without an active exception") or hung it.
+    accelerator = trainer.accelerator
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    del trainer, state
+    gc.collect()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
