@@ -160,6 +160,11 @@ class DistillConfig(Strict):
     # the teacher's outputs read from a `kdistill cache` directory instead of running the teacher (KD term only)
     teacher_cache: str | None = None
     cache_leftover: Literal["renormalize", "uniform"] = "renormalize"  # the mass outside the cached top k
+    # teacher and student tokenize the text differently: how their token-level outputs are paired for the KD term.
+    # "uld": the i-th counted student token with the i-th counted teacher token, by the sorted-probability (ULD)
+    # distance; "align": tokens grouped by the characters they cover, compared at the end of each group.
+    # None: token-level KD needs one tokenization (sequence-level tasks need nothing).
+    cross_tokenizer: Literal["uld", "align"] | None = None
     # causal_lm only
     chunked_loss: bool = False  # the divergence from hidden states and LM heads, chunk by chunk: no (B, T, V) logits
     chunk_size: int = Field(1024, gt=0)
