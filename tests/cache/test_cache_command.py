@@ -147,6 +147,6 @@ def test_a_run_refuses_a_cache_written_for_other_settings(tmp_path: Path, capsys
     assert main([*args, "distill.temperature=1.0"]) == 2
     assert "'temperature' is 2.0 but the run has 1.0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was written
-    assert main([*args, "distill.layer_map=last"]) == 2
-    assert "hidden states" in capsys.readouterr().err
+    assert main([*args, "distill.layer_map=last"]) == 2  # the cache holds no teacher features for the match
+    assert "'features' is [] but the run has ['layer 4']" in capsys.readouterr().err
     assert main(args) == 0  # top-1 cache, renormalized: trains

@@ -1,4 +1,5 @@
-"""Teacher outputs cached on disk: top-k log-probabilities per counted position (see :mod:`kdistill.cache.store`)."""
+"""Teacher outputs cached on disk: top-k log-probabilities per counted position, and the teacher features a run's
+intermediate matches need (see :mod:`kdistill.cache.store` for the layout)."""
 
 from kdistill.cache.store import (
     FORMAT_VERSION,
@@ -7,6 +8,7 @@ from kdistill.cache.store import (
     CacheMismatchError,
     CacheReader,
     build_manifest,
+    cache_bytes,
     dataset_fingerprint,
     dense_logprobs,
     num_shards,
@@ -23,6 +25,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheReader",
     "build_manifest",
+    "cache_bytes",
     "dataset_fingerprint",
     "dense_logprobs",
     "num_shards",

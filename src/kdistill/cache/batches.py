@@ -5,16 +5,21 @@
 top-k ids, log-probabilities and leftover log-mass laid out like the student's logits (``(B, k)`` for one
 prediction per example, ``(B, T, k)`` per token) with a ``mask`` of the positions the cache holds. The
 distiller then computes the KD term with :func:`kdistill.losses.sparse_divergence`, and the teacher never runs.
+
+When the cache holds teacher features for the run's intermediate matches, the batch also gains
+``teacher_features``: ``{match name: (B, T, H) float32}``, each example's stored rows put back at the positions
+its (teacher) attention mask marks, zeros elsewhere. The distiller uses them as the teacher's features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from kdistill.cache.store import attended_positions
 from kdistill.errors import InvalidArgumentError
 
 CACHE_INDEX = "cache_index"
@@ -31,12 +36,15 @@ class CachedTeacherCollate:
             example (sequence classification).
         leftover_policy: how :func:`~kdistill.losses.sparse_divergence` treats the mass outside the top k
             (``"renormalize"`` or ``"uniform"``).
+        features: match name → index of its teacher feature in the cache's ``features`` (``feature.{j}``); each
+            becomes ``batch["teacher_features"][name]``. Empty: no features are read.
     """
 
     collate: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
     reader: Any
     per_token: bool
     leftover_policy: str = "renormalize"
+    features: Mapping[str, int] = field(default_factory=dict)
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         missing = [i for i, example in enumerate(examples) if CACHE_INDEX not in example]
@@ -54,7 +62,29 @@ class CachedTeacherCollate:
             "temperature": float(self.reader.manifest["temperature"]),
             "leftover_policy": self.leftover_policy,
         }
+        if self.features:
+            batch["teacher_features"] = self._features(batch, indices)
         return batch
+
+    def _features(self, batch: Mapping[str, Any], indices: list[int]) -> dict[str, torch.Tensor]:
+        """The cached teacher features of the batch's examples, ``(B, T, H)`` per match, zero where not attended."""
+        stored = [self.reader.get_features(index) for index in indices]
+        length = _sequence_length(batch.get("teacher", batch))
+        attended = attended_positions(batch, length)
+        grids: dict[int, torch.Tensor] = {}
+        for j in sorted(set(self.features.values())):
+            width = int(stored[0][j].shape[-1]) if stored else 0
+            grid = torch.zeros(len(indices), length, width, dtype=torch.float32)
+            for row, (index, values) in enumerate(zip(indices, stored, strict=True)):
+                where = attended[row]
+                if int(where.sum()) != values[j].shape[0]:
+                    raise InvalidArgumentError(
+                        f"example {index}: the cache holds teacher features at {values[j].shape[0]} positions but the "
+                        f"batch attends to {int(where.sum())}; was the cache written with other data or max_length?"
+                    )
+                grid[row, where] = values[j].float()
+            grids[j] = grid
+        return {name: grids[j] for name, j in self.features.items()}
 
     def _layout(self, entries: list[dict[str, torch.Tensor]], length: int) -> dict[str, torch.Tensor]:
         k = int(self.reader.manifest["k"])

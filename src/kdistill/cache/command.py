@@ -1,6 +1,10 @@
 """``kdistill cache RUN.yaml``: run the run's teacher once over its training data and keep its top-k outputs on disk.
 
-The cache is keyed by what shapes the teacher's outputs (teacher, tokenizer, data, k, dtype, temperature): a
+When the run has intermediate matches (``distill.layer_map`` / ``distill.matches``) on the teacher's hidden states
+or embeddings, the cache also keeps those features at every attended position, so the run needs no teacher at all;
+attention-map and logits matches are refused (see :func:`kdistill.cache.runs.cached_feature_specs`).
+
+The cache is keyed by what shapes the teacher's outputs (teacher, tokenizer, data, k, dtype, temperature, features): a
 second call with the same run resumes from the last complete shard, and a call with another setting is refused,
 naming the field. Under ``accelerate launch`` (or any launcher that sets ``RANK`` and ``WORLD_SIZE``) each process
 writes its own shards of the same cache.
@@ -43,9 +47,10 @@ def _worker() -> tuple[int, int]:
 def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
+    from kdistill.cache.runs import cached_feature_specs
     from kdistill.cache.store import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
     from kdistill.config import load_config
-    from kdistill.runparts import build_parts
+    from kdistill.runparts import build_objective, build_parts
 
     config = load_config(args.config, args.overrides)
     if config.teacher is None:
@@ -58,6 +63,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         )
     started = time.perf_counter()
     parts = build_parts(config.model_copy(update={"mode": "distill"}))
+    features = cached_feature_specs(build_objective(config, parts))  # refuses uncacheable matches before any work
     teacher = parts.task.adapt_teacher(
         parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
     )
@@ -80,6 +86,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         num_examples=len(parts.train_examples),
         vocab_size=vocab,
         shard_size=args.shard_size,
+        features=features,
     )
     worker, workers = _worker()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else None
@@ -97,6 +104,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     )
     print(
         f"cache {args.out}: {len(parts.train_examples)} examples, k={k} of {vocab}, {args.dtype}, "
+        f"{'features ' + ', '.join(features) + ', ' if features else ''}"
         f"worker {worker + 1} of {workers}, {time.perf_counter() - started:.0f} s"
     )
     return 0

@@ -1,9 +1,10 @@
 """A run that reads its teacher's outputs from a cache (``distill.teacher_cache``) instead of running the teacher.
 
 The cache must have been written by ``kdistill cache`` for this run: the same teacher, teacher tokenizer, training
-examples (in order) and temperature. Anything else is refused, naming the manifest field that differs, before any
-training starts. Only the KD term reads the cache; intermediate matches need hidden states the cache does not
-hold, so they are refused.
+examples (in order), temperature, and the teacher features its intermediate matches need (``layer_map`` /
+``matches`` on hidden states or embeddings: the manifest's ``features``). Anything else is refused, naming the
+manifest field that differs, before any training starts. Attention-map and logits matches cannot be cached: an
+attention map is heads × T × T floats per example, far more than the outputs the cache exists to keep small.
 """
 
 from __future__ import annotations
@@ -13,8 +14,35 @@ from typing import Any
 from kdistill.errors import InvalidArgumentError
 
 
+def cached_feature_specs(objective: Any) -> list[str]:
+    """The teacher feature specs a cache must hold for ``objective``'s matches, in order of first use.
+
+    Matches on ``hidden`` or ``embeddings`` features of the (one) teacher are cacheable: one ``(T, H)`` tensor per
+    example. Attention maps and logits matches are refused, naming the match.
+    """
+    specs: list[str] = []
+    for match in objective.matches:
+        if match.feature == "attention":
+            raise InvalidArgumentError(
+                f"match {match.name!r}: attention maps cannot be cached (heads × T × T floats per example); "
+                "drop the match or train with the live teacher"
+            )
+        if match.feature == "logits":
+            raise InvalidArgumentError(
+                f"match {match.name!r}: logits matches cannot be cached (the cache keeps the top-k outputs for the "
+                "KD term); use the KD term or train with the live teacher"
+            )
+        if match.teacher_index != 0:
+            raise InvalidArgumentError(
+                f"match {match.name!r} names teacher {match.teacher_index}; a cache holds one teacher's features"
+            )
+        if match.teacher not in specs:
+            specs.append(match.teacher)
+    return specs
+
+
 def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, list[dict[str, Any]], Any]:
-    """``(distiller, training examples, collate)`` for a run whose KD term reads ``config.distill.teacher_cache``."""
+    """``(distiller, training examples, collate)`` for a run reading ``config.distill.teacher_cache``."""
     from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
     from kdistill.cache.store import (
         CacheIncompleteError,
@@ -28,11 +56,7 @@ def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, 
     from kdistill.tasks.causal_lm import CausalLMView
 
     spec = config.distill
-    if objective.matches:
-        raise InvalidArgumentError(
-            "distill.teacher_cache holds the teacher's output distributions only; distill.layer_map and "
-            "distill.matches need its hidden states, so they cannot be used with a cache"
-        )
+    specs = cached_feature_specs(objective)
     if parts.extra_teachers:
         raise InvalidArgumentError("distill.teacher_cache replaces one teacher; extra_teachers cannot be cached")
     if not isinstance(spec.temperature, (int, float)):
@@ -58,10 +82,15 @@ def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, 
         vocab_size=int(found["vocab_size"]),
         shard_size=int(found["shard_size"]),
         num_heads=int(found["num_heads"]),
+        features=specs,
     )
     reader.check_against(expected)
     collate = CachedTeacherCollate(
-        parts.collate, reader, per_token=not isinstance(view, SequenceView), leftover_policy=spec.cache_leftover
+        parts.collate,
+        reader,
+        per_token=not isinstance(view, SequenceView),
+        leftover_policy=spec.cache_leftover,
+        features={match.name: specs.index(match.teacher) for match in objective.matches},
     )
     distiller = Distiller(parts.student, None, objective, view=view)
     return distiller, with_cache_index(parts.train_examples), collate

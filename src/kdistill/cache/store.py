@@ -3,23 +3,35 @@
 Running a large teacher once and reading its outputs many times is what makes offline distillation cheap. The
 cache keeps, for every position a task view counts (:meth:`kd_mask`), the teacher's ``k`` most likely ids, their
 log-probabilities at the cache's temperature, and the ``leftover`` log-mass of all the other ids, so a student's
-loss can be computed without the teacher and without ``(N, T, V)`` floats on disk.
+loss can be computed without the teacher and without ``(N, T, V)`` floats on disk. When the run's intermediate
+matches need the teacher's hidden states, the cache holds those too (the manifest's ``features``).
 
-Layout of a cache directory::
+Layout of a cache directory (format version 2)::
 
-    manifest.json             what the cache was built from (teacher, tokenizer, data, k, dtype, temperature, ...)
+    manifest.json             what the cache was built from (teacher, tokenizer, data, k, dtype, temperature,
+                              features, ...)
     shard-00000.safetensors   examples [0, shard_size), then [shard_size, 2 * shard_size), ...
 
-Each shard holds ``example_index`` and ``position`` (int64 ``(n,)``: which example, which flattened position in the
-example's padded row) and, per head ``h``, ``head{h}.ids`` (int32 ``(n, k)``, most likely first),
-``head{h}.logprobs`` (``(n, k)`` in the manifest dtype) and ``head{h}.leftover`` (float32 ``(n,)``,
-``log(1 - Σ top-k probabilities)``, ``-inf`` when ``k = V``). Rows are in example order, then position order.
+Each shard of ``E`` examples holds:
+
+* ``example_offsets`` (int64 ``(E + 1,)``): the rows of the shard's ``i``-th example are
+  ``[example_offsets[i], example_offsets[i + 1])`` — 8 bytes per example instead of an index on every row;
+* ``position`` (int32 ``(n,)``): which flattened position of the example's padded row each row is;
+* per head ``h``: ``head{h}.ids`` (int32 ``(n, k)``, most likely first), ``head{h}.logprobs`` (``(n, k)`` in the
+  manifest dtype) and ``head{h}.leftover`` (float32 ``(n,)``, ``log(1 - Σ top-k probabilities)``, ``-inf`` when
+  ``k = V``). Rows are in example order, then position order: at ``k = 64`` in float16 a row is
+  4 + 256 + 128 + 4 = 392 bytes (see :func:`cache_bytes`);
+* when the manifest lists ``features`` (teacher feature specs such as ``"layer 4"``): ``feature_offsets`` (int64
+  ``(E + 1,)``) and ``feature.{j}`` (``(m, H_j)`` in the manifest dtype), the teacher's ``j``-th feature at every
+  attended (attention-mask) position of each example, in order. Attended positions are stored, not padded ones, so
+  a batch of any padding (right or left) can lay them out again from its own attention mask.
 
 Writing is resumable and parallel: shard ``s`` covers the examples ``[s * shard_size, (s + 1) * shard_size)`` and its
 batches start at the shard's first example, so its bytes do not depend on which worker wrote it or whether the run
 was interrupted; worker ``w`` of ``n`` writes the shards with ``s % n == w``; a shard appears only by an atomic
 rename, and a rerun skips the shards that exist and load. The manifest is written first and compared on every
-rerun, so a cache is never extended with outputs of another teacher, temperature or ``k``.
+rerun, so a cache is never extended with outputs of another teacher, temperature or ``k``. A cache written in
+another ``format_version`` is refused when opened, with the advice to rebuild it.
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ import torch
 from kdistill._io import write_json_atomically
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 
-FORMAT_VERSION = 1
+#: 2: per-shard ``example_offsets`` instead of a per-row int64 ``example_index``, int32 ``position``, ``features``.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FIELDS = (
     "format_version",
@@ -54,6 +67,7 @@ MANIFEST_FIELDS = (
     "vocab_size",
     "shard_size",
     "num_heads",
+    "features",
 )
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -82,12 +96,15 @@ def build_manifest(
     vocab_size: int,
     shard_size: int,
     num_heads: int = 1,
+    features: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The manifest of a cache: everything its contents depend on, validated, in :data:`MANIFEST_FIELDS` order.
 
     Two caches (or a cache and a run) agree exactly when their manifests are equal, so every input that changes a
     stored number is a field: the teacher and its revision, the tokenizer and the data (as hashes), ``k``, the
-    stored dtype, the temperature, and the sizes. ``kdistill_version`` and ``format_version`` are added here.
+    stored dtype, the temperature, the sizes, and ``features``: the teacher feature specs (``"layer 4"``,
+    ``"embeddings"``, a module path) whose values the cache holds for the run's intermediate matches, in order (the
+    ``j``-th is ``feature.{j}`` in the shards). ``kdistill_version`` and ``format_version`` are added here.
     """
     from kdistill import __version__
 
@@ -105,6 +122,10 @@ def build_manifest(
         raise InvalidArgumentError(f"cache shard_size must be an integer >= 1; got {shard_size!r}")
     if not isinstance(num_heads, int) or num_heads < 1:
         raise InvalidArgumentError(f"cache num_heads must be an integer >= 1; got {num_heads!r}")
+    if isinstance(features, str) or not all(isinstance(spec, str) and spec for spec in features):
+        raise InvalidArgumentError(f"cache features must be a list of teacher feature specs; got {features!r}")
+    if len(set(features)) != len(features):
+        raise InvalidArgumentError(f"cache features must not repeat a spec; got {list(features)!r}")
     manifest = {
         "format_version": FORMAT_VERSION,
         "kdistill_version": __version__,
@@ -119,6 +140,7 @@ def build_manifest(
         "vocab_size": vocab_size,
         "shard_size": shard_size,
         "num_heads": num_heads,
+        "features": list(features),
     }
     return json.loads(json.dumps(manifest))  # the values exactly as they read back from manifest.json
 
@@ -178,6 +200,12 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CacheIncompleteError(f"the cache manifest {path} cannot be read: {error}") from error
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:  # before any other field: an old cache lacks fields that are not its fault
+        raise CacheMismatchError(
+            f"the cache at {directory} has format_version {version!r} but this kdistill reads format_version "
+            f"{FORMAT_VERSION}; rebuild the cache with `kdistill cache` (into another directory, or delete this one)"
+        )
     missing = [field for field in MANIFEST_FIELDS if field not in manifest]
     if missing:
         raise CacheMismatchError(f"the cache manifest {path} lacks the field {missing[0]!r}")
@@ -213,21 +241,29 @@ def num_shards(manifest: Mapping[str, Any]) -> int:
     return -(-int(manifest["num_examples"]) // int(manifest["shard_size"]))
 
 
-def _shard_loads(path: Path, num_heads: int, k: int) -> bool:
+def _shard_loads(path: Path, manifest: Mapping[str, Any]) -> bool:
     """True when ``path`` is a readable shard with every expected tensor, ``k`` wide (a torn file is rewritten)."""
     from safetensors import safe_open
 
     if not path.is_file():
         return False
+    num_heads, k = int(manifest["num_heads"]), int(manifest["k"])
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
             widths = {handle.get_slice(f"head{h}.ids").get_shape()[-1] for h in range(num_heads)} if keys else set()
     except Exception:  # any unreadable file is simply not a finished shard
         return False
-    expected = {"example_index", "position"}
-    expected |= {f"head{h}.{name}" for h in range(num_heads) for name in ("ids", "logprobs", "leftover")}
-    return expected <= keys and widths == {k}
+    return _shard_keys(manifest) <= keys and widths == {k}
+
+
+def _shard_keys(manifest: Mapping[str, Any]) -> set[str]:
+    """The names of the tensors every shard of a cache with this manifest holds."""
+    keys = {"example_offsets", "position"}
+    keys |= {f"head{h}.{name}" for h in range(int(manifest["num_heads"])) for name in ("ids", "logprobs", "leftover")}
+    if manifest["features"]:
+        keys |= {"feature_offsets"} | {f"feature.{j}" for j in range(len(manifest["features"]))}
+    return keys
 
 
 def topk_entries(
@@ -257,14 +293,24 @@ def _collate_and_run(
     chunk: Sequence[Mapping[str, Any]],
     collate: Callable[[Sequence[Mapping[str, Any]]], Mapping[str, Any]],
     device: torch.device,
-) -> tuple[Mapping[str, Any], Any]:
+    features: Sequence[str] = (),
+) -> tuple[Mapping[str, Any], Any, list[torch.Tensor]]:
+    """Collate ``chunk``, run the teacher on it, and return the batch, the outputs and the requested features.
+
+    The features are captured with the same hooks (:class:`~kdistill.features.FeatureTap`, ``"hidden"`` kind) a
+    live :class:`~kdistill.distillers.Distiller` uses on its teacher, so a cached feature is the live one.
+    """
     from kdistill.distillers.core import model_inputs
     from kdistill.distillers.views import teacher_inputs
+    from kdistill.features import FeatureTap
 
     batch = collate(chunk)
-    moved = _to_device(batch, device)
-    outputs = teacher(**model_inputs(teacher, teacher_inputs(moved)))
-    return batch, outputs
+    inputs = teacher_inputs(_to_device(batch, device))
+    sources = {f"feature.{j}": spec for j, spec in enumerate(features)}
+    with FeatureTap(teacher, sources) as tap:
+        outputs = teacher(**model_inputs(teacher, inputs), **tap.model_kwargs)
+        captured = tap.collect(outputs)
+    return batch, outputs, [captured[f"feature.{j}"] for j in range(len(features))]
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -273,6 +319,32 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, Mapping):
         return {key: _to_device(item, device) for key, item in value.items()}
     return value
+
+
+def attended_positions(batch: Mapping[str, Any], length: int) -> torch.Tensor:
+    """Bool ``(B, length)``: the positions whose teacher features a cache keeps (the teacher's attention mask).
+
+    Without an attention mask every position counts. Shared by the writer and
+    :class:`~kdistill.cache.CachedTeacherCollate`, so both agree on which rows a feature has.
+    """
+    from kdistill.distillers.views import attention_mask_of, teacher_inputs
+
+    inputs = teacher_inputs(batch)
+    mask = attention_mask_of(inputs)
+    if mask is None:
+        ids = inputs.get("input_ids")
+        rows = int(ids.shape[0]) if isinstance(ids, torch.Tensor) else 1
+        return torch.ones(rows, length, dtype=torch.bool)
+    if mask.dim() != 2 or int(mask.shape[1]) != length:
+        raise ShapeMismatchError(
+            f"the teacher's attention_mask has shape {tuple(mask.shape)} but its features have {length} positions"
+        )
+    return mask.bool().cpu()
+
+
+def _offsets(counts: torch.Tensor) -> torch.Tensor:
+    """``[0, c0, c0 + c1, ...]`` as int64: the row ranges of consecutive examples."""
+    return torch.cat([torch.zeros(1, dtype=torch.int64), counts.to(torch.int64).cumsum(0)])
 
 
 def _shard_tensors(
@@ -288,15 +360,18 @@ def _shard_tensors(
 ) -> dict[str, torch.Tensor]:
     """Run the teacher over examples ``[start, stop)`` in batches from ``start`` and gather the shard's tensors."""
     k, temperature, vocab = int(manifest["k"]), float(manifest["temperature"]), int(manifest["vocab_size"])
-    num_heads, dtype = int(manifest["num_heads"]), _DTYPES[manifest["dtype"]]
-    index_parts: list[torch.Tensor] = []
+    num_heads, dtype, features = int(manifest["num_heads"]), _DTYPES[manifest["dtype"]], list(manifest["features"])
+    count_parts: list[torch.Tensor] = []
     position_parts: list[torch.Tensor] = []
     head_parts: list[dict[str, list[torch.Tensor]]] = [
         {"ids": [], "logprobs": [], "leftover": []} for _ in range(num_heads)
     ]
+    feature_counts: list[torch.Tensor] = []
+    feature_parts: list[list[torch.Tensor]] = [[] for _ in features]
     for first in range(start, stop, batch_size):
         last = min(first + batch_size, stop)
-        batch, outputs = _collate_and_run(teacher, [examples[i] for i in range(first, last)], collate, device)
+        chunk = [examples[i] for i in range(first, last)]
+        batch, outputs, captured = _collate_and_run(teacher, chunk, collate, device, features)
         heads = view.logits(outputs)
         if len(heads) != num_heads:
             raise ShapeMismatchError(
@@ -322,8 +397,8 @@ def _shard_tensors(
             raise ShapeMismatchError(f"the view's kd_mask has shape {tuple(mask.shape)} but the logits have {lead}")
         flat = mask.reshape(mask.shape[0], -1)  # (B, P): P positions per example, row-major
         rows, positions = flat.nonzero(as_tuple=True)
-        index_parts.append(rows.to(torch.int64) + first)
-        position_parts.append(positions.to(torch.int64))
+        count_parts.append(flat.sum(1))
+        position_parts.append(positions.to(torch.int32))
         for h, logits in enumerate(heads):  # select and reduce where the logits are: only (n, k) comes back
             where = logits.device
             grid = logits.detach().reshape(flat.shape[0], flat.shape[1], vocab)
@@ -332,14 +407,35 @@ def _shard_tensors(
             head_parts[h]["ids"].append(ids.cpu())
             head_parts[h]["logprobs"].append(logprobs.cpu())
             head_parts[h]["leftover"].append(leftover.cpu())
+        if features:
+            attended = None
+            for j, (spec, value) in enumerate(zip(features, captured, strict=True)):
+                if value.dim() != 3 or value.shape[0] != len(chunk):
+                    raise ShapeMismatchError(
+                        f"cached teacher feature {spec!r} must be (batch, positions, hidden) with batch {len(chunk)}; "
+                        f"the teacher gives {tuple(value.shape)}"
+                    )
+                if attended is None:
+                    attended = attended_positions(batch, int(value.shape[1]))
+                    feature_counts.append(attended.sum(1))
+                elif value.shape[1] != attended.shape[1]:
+                    raise ShapeMismatchError(
+                        f"cached teacher feature {spec!r} has {value.shape[1]} positions but {features[0]!r} has "
+                        f"{attended.shape[1]}"
+                    )
+                feature_parts[j].append(value.detach()[attended.to(value.device)].to(dtype).cpu())
     tensors: dict[str, torch.Tensor] = {
-        "example_index": _cat(index_parts, (0,), torch.int64),
-        "position": _cat(position_parts, (0,), torch.int64),
+        "example_offsets": _offsets(_cat(count_parts, (0,), torch.int64)),
+        "position": _cat(position_parts, (0,), torch.int32),
     }
     for h, parts in enumerate(head_parts):
         tensors[f"head{h}.ids"] = _cat(parts["ids"], (0, k), torch.int32)
         tensors[f"head{h}.logprobs"] = _cat(parts["logprobs"], (0, k), dtype)
         tensors[f"head{h}.leftover"] = _cat(parts["leftover"], (0,), torch.float32)
+    if features:
+        tensors["feature_offsets"] = _offsets(_cat(feature_counts, (0,), torch.int64))
+        for j, parts in enumerate(feature_parts):
+            tensors[f"feature.{j}"] = _cat(parts, (0, 0), dtype)
     return tensors
 
 
@@ -381,6 +477,11 @@ def write_cache(
     missing = [field for field in MANIFEST_FIELDS if field not in manifest]
     if missing:
         raise InvalidArgumentError(f"the cache manifest lacks the field {missing[0]!r}; build it with build_manifest")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CacheMismatchError(
+            f"the cache manifest has format_version {manifest['format_version']!r}; this kdistill writes "
+            f"{FORMAT_VERSION}: build it with build_manifest"
+        )
     if int(manifest["k"]) < 1 or int(manifest["k"]) > int(manifest["vocab_size"]):
         raise InvalidArgumentError(f"cache k must be in [1, vocab_size={manifest['vocab_size']}]; got {manifest['k']}")
     if manifest["dtype"] not in _DTYPES:
@@ -407,7 +508,7 @@ def write_cache(
     else:
         first_param = next(iter(teacher.parameters()), None)
         target = first_param.device if first_param is not None else torch.device("cpu")
-    shard_size, heads = int(manifest["shard_size"]), int(manifest["num_heads"])
+    shard_size = int(manifest["shard_size"])
     mine = [s for s in range(num_shards(manifest)) if s % num_workers == worker]
     was_training = teacher.training
     teacher.eval()
@@ -415,7 +516,7 @@ def write_cache(
         with torch.no_grad():
             for done, shard in enumerate(mine, start=1):
                 path = directory / shard_name(shard)
-                if not _shard_loads(path, heads, int(manifest["k"])):
+                if not _shard_loads(path, manifest):
                     start = shard * shard_size
                     stop = min(start + shard_size, int(manifest["num_examples"]))
                     tensors = _shard_tensors(
@@ -441,15 +542,16 @@ def write_cache(
 class CacheReader:
     """Read a teacher cache: shards opened lazily and memory-mapped, one example's entries at a time.
 
-    ``get(i)`` finds example ``i``'s shard (``i // shard_size``) and its rows there through a per-shard index of
-    row offsets (built once from the stored, sorted ``example_index``), then reads only those rows.
+    ``get(i)`` finds example ``i``'s shard (``i // shard_size``) and its rows there through the shard's stored
+    ``example_offsets``, then reads only those rows; ``get_features(i)`` does the same for the stored teacher
+    features.
     """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
         self.manifest = _read_manifest(self.directory)
         self._handles: dict[int, Any] = {}
-        self._offsets: dict[int, torch.Tensor] = {}
+        self._offsets: dict[tuple[int, str], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return int(self.manifest["num_examples"])
@@ -457,6 +559,11 @@ class CacheReader:
     @property
     def num_shards(self) -> int:
         return num_shards(self.manifest)
+
+    @property
+    def features(self) -> list[str]:
+        """The teacher feature specs the cache holds (``feature.{j}`` is the ``j``-th), possibly none."""
+        return list(self.manifest["features"])
 
     def examples_in(self, shard: int) -> range:
         """The example indices shard ``shard`` covers."""
@@ -487,25 +594,39 @@ class CacheReader:
                     f"shard {shard} of the cache at {self.directory} is missing ({path.name}); rerun write_cache"
                 )
             handle = safe_open(str(path), framework="pt")
-            index = handle.get_tensor("example_index")
-            first = shard * int(self.manifest["shard_size"])
-            bounds = torch.arange(first, first + len(self.examples_in(shard)) + 1, dtype=torch.int64)
-            self._offsets[shard] = torch.searchsorted(index, bounds)  # rows of example i: offsets[i - first : +2]
+            missing = sorted(_shard_keys(self.manifest) - set(handle.keys()))
+            if missing:
+                raise CacheIncompleteError(f"{path} lacks the tensor {missing[0]!r}; delete it and rerun write_cache")
+            expected = len(self.examples_in(shard)) + 1
+            for name in ("example_offsets", "feature_offsets") if self.manifest["features"] else ("example_offsets",):
+                offsets = handle.get_tensor(name)
+                if tuple(offsets.shape) != (expected,):
+                    raise CacheMismatchError(
+                        f"{path}: {name} has shape {tuple(offsets.shape)} but the shard covers {expected - 1} examples"
+                        f" (expected ({expected},)); delete it and rerun write_cache"
+                    )
+                self._offsets[shard, name] = offsets
             self._handles[shard] = handle
         return self._handles[shard]
 
-    def get(self, example_index: int) -> list[dict[str, torch.Tensor]]:
-        """One example's entries, a dict per head: ``ids``, ``logprobs``, ``leftover`` and ``position``."""
+    def _rows(self, example_index: Any, offsets: str) -> tuple[Any, int, int]:
+        """``(shard handle, begin, end)``: where example ``example_index``'s rows lie under ``offsets``."""
         if isinstance(example_index, bool) or not hasattr(example_index, "__index__"):
             raise InvalidArgumentError(f"example_index must be an integer; got {example_index!r}")
         example_index = operator.index(example_index)
         if not 0 <= example_index < len(self):
             raise InvalidArgumentError(f"example_index must be in [0, {len(self)}); got {example_index!r}")
-        shard = example_index // int(self.manifest["shard_size"])
+        size = int(self.manifest["shard_size"])
+        shard = example_index // size
         handle = self._handle(shard)
-        local = example_index - shard * int(self.manifest["shard_size"])
-        begin, end = (int(v) for v in self._offsets[shard][local : local + 2])
-        position = handle.get_slice("position")[begin:end]
+        local = example_index - shard * size
+        begin, end = (int(v) for v in self._offsets[shard, offsets][local : local + 2])
+        return handle, begin, end
+
+    def get(self, example_index: int) -> list[dict[str, torch.Tensor]]:
+        """One example's entries, a dict per head: ``ids``, ``logprobs``, ``leftover`` and ``position`` (int64)."""
+        handle, begin, end = self._rows(example_index, "example_offsets")
+        position = handle.get_slice("position")[begin:end].to(torch.int64)
         return [
             {
                 "ids": handle.get_slice(f"head{h}.ids")[begin:end],
@@ -515,6 +636,42 @@ class CacheReader:
             }
             for h in range(int(self.manifest["num_heads"]))
         ]
+
+    def get_features(self, example_index: int) -> list[torch.Tensor]:
+        """One example's stored teacher features: per spec of :attr:`features`, ``(attended positions, hidden)``."""
+        if not self.manifest["features"]:
+            raise InvalidArgumentError(f"the cache at {self.directory} holds no teacher features (manifest features)")
+        handle, begin, end = self._rows(example_index, "feature_offsets")
+        return [handle.get_slice(f"feature.{j}")[begin:end] for j in range(len(self.manifest["features"]))]
+
+
+def cache_bytes(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a cache costs on disk: ``{"shard_bytes", "positions", "bytes_per_position", "examples", "shards"}``.
+
+    ``shard_bytes`` is the total size of the shard files present (headers, offsets and features included),
+    ``positions`` the number of cached (counted) positions in them, and ``bytes_per_position`` their ratio (0 when
+    nothing is cached): the number a benchmark reports. Only the shards' headers are read.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    manifest = _read_manifest(directory)
+    total = positions = shards = 0
+    for shard in range(num_shards(manifest)):
+        path = directory / shard_name(shard)
+        if not path.is_file():
+            continue
+        total += path.stat().st_size
+        shards += 1
+        with safe_open(str(path), framework="pt") as handle:
+            positions += int(handle.get_slice("position").get_shape()[0])
+    return {
+        "shard_bytes": total,
+        "positions": positions,
+        "bytes_per_position": total / positions if positions else 0.0,
+        "examples": int(manifest["num_examples"]),
+        "shards": shards,
+    }
 
 
 def dense_logprobs(entry: Mapping[str, torch.Tensor], vocab_size: int) -> torch.Tensor:

@@ -104,7 +104,8 @@ class Distiller:
         teacher: a frozen ``nn.Module``; a list of them (see :class:`MultiTeacherDistiller`); ``"ema"`` (an
             exponential moving average of the student, updated after every optimizer step: self-distillation);
             ``"self"`` (the student's own features, detached, teach its other layers); or None (no teacher:
-            only hard labels, or cached ``teacher_logits`` carried by each batch).
+            only hard labels, or cached ``teacher_logits`` / ``teacher_topk`` / ``teacher_features`` carried by
+            each batch).
         objective: the weighted terms.
         view: which logits/labels/mask the task has; inferred from the student's logits when None.
         teacher_weights: multi-teacher: fixed weights of each teacher's distribution (default: equal).
@@ -160,8 +161,8 @@ class Distiller:
                 raise InvalidArgumentError(
                     f"match {match.name!r} names teacher {match.teacher_index}; there are {len(self.teachers)}"
                 )
-        if objective.matches and self.teacher_mode == "none":
-            raise InvalidArgumentError("intermediate matches need a live teacher (or teacher='self' / 'ema')")
+        # with teacher=None, matches are served by cached teacher features in each batch (``teacher_features``,
+        # from a teacher-output cache); a batch without them is refused in _teacher_forward, naming the match
         self.module: StudentModule | None = None
         self._student_sources: dict[str, Any] = {}
         self._teacher_sources: list[dict[str, Any]] = []
@@ -292,12 +293,21 @@ class Distiller:
             for match in self.objective.matches:
                 features[match.name] = student_features["teacher::" + match.name].detach()
             return features, None
-        if "teacher_topk" in batch and not self.objective.matches:
-            return features, None  # the KD term reads the cached top-k (see _terms_from)
+        cached_features = batch.get("teacher_features") or {}
+        if ("teacher_topk" in batch or cached_features) and all(
+            match.name in cached_features for match in self.objective.matches
+        ):  # the KD term reads the cached top-k (see _terms_from), the matches the cached features
+            return {match.name: cached_features[match.name] for match in self.objective.matches}, None
         if "teacher_logits" in batch and not self.objective.matches:
             cached = batch["teacher_logits"]
             return features, [list(cached) if isinstance(cached, (list, tuple)) else [cached]]
         if not self.teachers:
+            if self.objective.matches:
+                missing = next(m.name for m in self.objective.matches if m.name not in cached_features)
+                raise KdistillError(
+                    f"match {missing!r} needs the teacher's features, but there is no teacher and the batch's "
+                    f"cached teacher_features hold {sorted(cached_features)}; write the cache for this run's matches"
+                )
             return features, None
         inputs = teacher_inputs(batch)
         all_logits: list[list[torch.Tensor]] = []
