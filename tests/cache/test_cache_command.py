@@ -150,3 +150,105 @@ def test_a_run_refuses_a_cache_written_for_other_settings(tmp_path: Path, capsys
     assert main([*args, "distill.layer_map=last"]) == 2  # the cache holds no teacher features for the match
     assert "'features' is [] but the run has ['layer 4']" in capsys.readouterr().err
     assert main(args) == 0  # top-1 cache, renormalized: trains
+
+
+def test_a_run_with_hidden_state_matches_from_a_cache_ends_like_the_live_run(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from kdistill.run import run
+
+    config = classification_run(tmp_path)
+    config["distill"].update({"layer_map": "uniform", "layer_map_projection": "linear", "layer_map_weight": 2.0})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["cache", str(path), "--out", str(tmp_path / "cache"), "--k", "all", "--dtype", "float32"]) == 0
+    assert CacheReader(tmp_path / "cache").features == ["layer 2", "layer 4"]  # teacher layers of the 2-layer student
+    live = run(load_config(path, [f"output_dir={tmp_path / 'live'}"]))
+    cached = run(
+        load_config(path, [f"output_dir={tmp_path / 'cached'}", f"distill.teacher_cache={tmp_path / 'cache'}"])
+    )
+    assert cached.metrics == pytest.approx(live.metrics, abs=1e-6)
+    a, b = load_file(live.student_dir / "model.safetensors"), load_file(cached.student_dir / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    without = run(load_config(path, [f"output_dir={tmp_path / 'kd_only'}", "distill.layer_map=null"]))
+    c = load_file(without.student_dir / "model.safetensors")
+    assert max(float((a[key] - c[key]).abs().max()) for key in a) > 1e-3  # the matches changed the training
+
+
+def test_attention_matches_are_not_cached(run_yaml: Path, tmp_path: Path, capsys) -> None:
+    match = '[{"teacher": "layer 1", "student": "layer 1", "feature": "attention", "loss": "attention_mse"}]'
+    out = tmp_path / "cache"
+    assert main(["cache", str(run_yaml), f"distill.matches={match}", "--out", str(out)]) == 2
+    assert "attention maps cannot be cached" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def cache_command(run_yaml: Path, out: Path) -> list[str]:
+    return ["cache", str(run_yaml), "distill.layer_map=last", "--out", str(out), "--shard-size", "3", "--k", "7"]
+
+
+@pytest.fixture
+def one_worker_cache(run_yaml: Path, tmp_path: Path) -> Path:
+    """The reference: one uninterrupted worker, with teacher features (10 examples, 4 shards)."""
+    assert main(cache_command(run_yaml, tmp_path / "one")) == 0
+    assert CacheReader(tmp_path / "one").features == ["layer 4"]  # the 4-layer teacher's last
+    return tmp_path / "one"
+
+
+def directory_bytes(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_two_worker_processes_at_once_write_the_one_worker_cache(
+    run_yaml: Path, tmp_path: Path, one_worker_cache: Path
+) -> None:
+    import subprocess
+
+    out = tmp_path / "two"
+    command = [sys.executable, "-m", "kdistill.cli", *cache_command(run_yaml, out)]
+    workers = [
+        subprocess.Popen(command, env=subprocess_env(RANK=str(rank), WORLD_SIZE="2"), stderr=subprocess.PIPE)
+        for rank in (0, 1)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=300)
+        assert worker.returncode == 0, err.decode()
+    assert directory_bytes(out) == directory_bytes(one_worker_cache)  # every shard and the manifest, no temp files
+
+
+KILL_IN_SECOND_SHARD_WRITE = """
+import os, signal, sys
+import safetensors.torch as st
+real, calls = st.save_file, []
+def torn(tensors, filename, metadata=None):
+    calls.append(filename)
+    real(tensors, filename, metadata=metadata)
+    if len(calls) == 2:  # killed in the middle of writing shard 1: half of its temporary file on disk
+        with open(filename, "r+b") as handle:
+            handle.truncate(os.path.getsize(filename) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+st.save_file = torn
+from kdistill.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_worker_killed_mid_write_resumes_to_the_same_bytes(
+    run_yaml: Path, tmp_path: Path, one_worker_cache: Path
+) -> None:
+    import subprocess
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-c", KILL_IN_SECOND_SHARD_WRITE, *cache_command(run_yaml, out)]
+    killed = subprocess.run(command, env=subprocess_env(), capture_output=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr.decode()
+    names = sorted(path.name for path in out.iterdir())
+    assert names[0].startswith(".shard-00001.safetensors.tmp-")  # the torn temporary file
+    assert names[1:] == ["manifest.json", "shard-00000.safetensors"]
+    assert main(cache_command(run_yaml, out)) == 0
+    assert directory_bytes(out) == directory_bytes(one_worker_cache)
