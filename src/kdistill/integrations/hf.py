@@ -19,6 +19,13 @@ averages gradients.
 
 The teacher is kept out of ``self.model``: it is never wrapped by DDP/accelerate, never saved, frozen and in eval
 mode, and moved to the student's device at the first loss computation.
+
+Offline distillation: with ``teacher_cache`` (a directory written by ``kdistill cache``) there is no teacher at all.
+The data collator is wrapped in :class:`kdistill.cache.batches.CachedTeacherCollate`, each batch carries the teacher's
+cached top-k log-probabilities, and the KD term is :func:`kdistill.lm.loss.cached_lm_loss_sums`
+(:func:`~kdistill.losses.sparse.sparse_divergence` over the cached support, plain or chunked). Only the KD term
+changes: the CE term, the count and its normalization are those of the live path, so a ``k = V`` cache trains the
+student as the live teacher does.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import transformers
 from torch import nn
 
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.lm.loss import causal_lm_loss_sums, lm_head_of, unwrap_causal_lm
+from kdistill.lm.loss import LMLossSums, cached_lm_loss_sums, causal_lm_loss_sums, lm_head_of, unwrap_causal_lm
 from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens
 from kdistill.losses._common import VOCAB_POLICIES
 
@@ -71,6 +78,14 @@ class DistillationArguments(transformers.TrainingArguments):
         on_policy_temperature: the sampling temperature of the student's generations.
         teacher_dtype: dtype of the teacher (``"auto"``, ``"float32"``, ``"bfloat16"``, ...) when it is loaded from
             a path or hub id, or cast when it is given as a model; None keeps the loader's default or the model's.
+        teacher_cache: a ``kdistill cache`` directory whose top-k teacher outputs stand in for the teacher (no
+            ``teacher_model`` then). Training examples must carry ``cache_index``, their row in the cache
+            (:func:`kdistill.cache.batches.with_cache_index` on the cached examples, in the cached order). The cache's
+            temperature must be ``temperature``; on-policy steps are refused (the teacher never scored the
+            student's samples).
+        cache_leftover: what the teacher is outside its cached top-k: ``"renormalize"`` (compare on the top-k
+            support) or ``"uniform"`` (the leftover mass spread over the other ids); see
+            :mod:`kdistill.losses.sparse`.
     """
 
     loss: str = field(default="forward_kl", metadata={"help": "Registered divergence name (or alias)."})
@@ -86,6 +101,8 @@ class DistillationArguments(transformers.TrainingArguments):
     on_policy_max_new_tokens: int = field(default=64, metadata={"help": "Max new tokens of on-policy samples."})
     on_policy_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (on-policy)."})
     teacher_dtype: str | None = field(default=None, metadata={"help": "Teacher dtype (auto, bfloat16, ...)."})
+    teacher_cache: str | None = field(default=None, metadata={"help": "kdistill cache directory (no teacher)."})
+    cache_leftover: str = field(default="renormalize", metadata={"help": "renormalize or uniform."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: labels and prompt columns must reach compute_loss."}
     )
@@ -131,6 +148,18 @@ class DistillationArguments(transformers.TrainingArguments):
             raise InvalidArgumentError(
                 f"teacher_dtype={self.teacher_dtype!r} is not one of {', '.join(_TEACHER_DTYPES)} or None"
             )
+        from kdistill.losses.sparse import LEFTOVER_POLICIES
+
+        if self.cache_leftover not in LEFTOVER_POLICIES:
+            raise InvalidArgumentError(
+                f"cache_leftover={self.cache_leftover!r} is not one of {', '.join(map(repr, LEFTOVER_POLICIES))}"
+            )
+        if self.teacher_cache is not None and self.on_policy_fraction > 0:
+            raise InvalidArgumentError(
+                f"on_policy_fraction={self.on_policy_fraction!r} cannot be used with teacher_cache: the cache holds "
+                "the teacher's outputs on the dataset's completions, and it never scored the student's own samples; "
+                "set on_policy_fraction=0 or run the teacher live"
+            )
         if self.divergence_kwargs is not None:
             if not isinstance(self.divergence_kwargs, Mapping):
                 raise InvalidArgumentError(
@@ -163,7 +192,9 @@ class DistillationTrainer(transformers.Trainer):
             (``dtype`` from ``args.teacher_dtype``). It is frozen, put in eval mode, kept out of ``self.model`` (never
             wrapped, never saved) and moved to the student's device when the loss first needs it. A ``PeftModel``
             teacher (a LoRA-tuned teacher) is used as it is, adapters active. None only with ``kd_weight=0``:
-            supervised fine-tuning on the labels alone (the baseline a distillation is compared with).
+            supervised fine-tuning on the labels alone (the baseline a distillation is compared with), or with a
+            teacher cache (``args.teacher_cache``, or a :class:`~kdistill.cache.batches.CachedTeacherCollate` as
+            ``data_collator``), whose outputs stand in for the teacher.
         args: :class:`DistillationArguments` (a default one when None).
         peft_config: a ``peft`` config (e.g. ``LoraConfig``); the student is wrapped with ``peft.get_peft_model``
             and only the adapters train. ``save_model`` then writes the adapter (reload it with
@@ -175,7 +206,8 @@ class DistillationTrainer(transformers.Trainer):
 
     Batches carry ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on prompt and padding), optionally
     ``prompt_input_ids``/``prompt_attention_mask`` (left-padded prompts, needed for on-policy steps) and ``teacher``
-    (the teacher's own ``input_ids``/``attention_mask`` over the same positions).
+    (the teacher's own ``input_ids``/``attention_mask`` over the same positions) or ``teacher_topk`` (the teacher's
+    cached top-k outputs, see :func:`kdistill.lm.loss.cached_lm_loss_sums`).
 
     Attributes:
         teacher: the frozen teacher model (None for SFT without a teacher).
@@ -187,6 +219,7 @@ class DistillationTrainer(transformers.Trainer):
             is already a ``PeftModel`` together with ``peft_config``, or a model the chunked loss cannot handle.
         VocabMismatchError: differing student and teacher vocabularies with ``vocab_policy="error"`` (before
             training starts; the message names both sizes).
+        CacheMismatchError: a teacher cache written at another temperature (the message names the field).
     """
 
     loss_is_scaled_for_ga = True  # compute_loss divides by the step's global count itself
@@ -208,10 +241,13 @@ class DistillationTrainer(transformers.Trainer):
             )
         if model is None:
             raise InvalidArgumentError("model (the student) is required; model_init is not supported")
-        if teacher_model is None and args.kd_weight != 0.0:
+        cached = args.teacher_cache is not None or _is_cached_collate(kwargs.get("data_collator"))
+        if cached:
+            _check_cached_setup(model, teacher_model, args, kwargs)
+        elif teacher_model is None and args.kd_weight != 0.0:
             raise InvalidArgumentError(
-                "teacher_model is required when kd_weight != 0: a causal LM or a path / hub id to load one "
-                "(kd_weight=0 with ce_weight > 0 trains on the labels alone, SFT, without a teacher)"
+                "teacher_model is required when kd_weight != 0: a causal LM or a path / hub id to load one, or "
+                "teacher_cache (kd_weight=0 with ce_weight > 0 trains on the labels alone, SFT, without a teacher)"
             )
         if peft_config is not None:
             model = _wrap_with_peft(model, peft_config)
@@ -226,6 +262,8 @@ class DistillationTrainer(transformers.Trainer):
             kwargs["data_collator"] = _default_collator(
                 model, kwargs.get("processing_class"), with_prompts=args.on_policy_fraction > 0
             )
+        if args.teacher_cache is not None:
+            kwargs["data_collator"] = _cached_collator(kwargs["data_collator"], args)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher
         self.last_on_policy_batches: list[dict[str, torch.Tensor]] | None = None
@@ -249,6 +287,26 @@ class DistillationTrainer(transformers.Trainer):
         None) ``N`` is this batch's own count, so the loss is the batch's mean per counted token.
         """
         args: DistillationArguments = self.args  # type: ignore[assignment]
+        if "teacher_topk" in inputs:  # the teacher's outputs read from a cache: the teacher does not run
+            sums = cached_lm_loss_sums(
+                model,
+                inputs,
+                inputs["teacher_topk"],
+                divergence=args.loss,
+                temperature=args.temperature,
+                leftover_policy=args.cache_leftover,
+                kd_weight=args.kd_weight,
+                ce_weight=args.ce_weight,
+                chunked=args.chunked_loss,
+                chunk_size=args.chunk_size,
+                divergence_kwargs=args.divergence_kwargs,
+            )
+            return self._finish_loss(model, sums, return_outputs, num_items_in_batch)
+        if self.teacher is None and args.kd_weight != 0:
+            raise InvalidArgumentError(
+                "kd_weight != 0 but there is no teacher and the batch carries no cached teacher outputs "
+                "('teacher_topk'); was this batch collated without the cache?"
+            )
         self._teacher_to(_device_of(inputs))
         sums = causal_lm_loss_sums(
             model,
@@ -264,6 +322,17 @@ class DistillationTrainer(transformers.Trainer):
             teacher_inputs=inputs.get("teacher"),
             divergence_kwargs=args.divergence_kwargs,
         )
+        return self._finish_loss(model, sums, return_outputs, num_items_in_batch)
+
+    def _finish_loss(
+        self,
+        model: nn.Module,
+        sums: LMLossSums,
+        return_outputs: bool,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Weight the sums, divide by the step's global count (or the batch's own), record the terms."""
+        args: DistillationArguments = self.args  # type: ignore[assignment]
         kd_factor = args.kd_weight * (args.temperature**2 if args.scale_kd_by_t2 else 1.0)
         terms = []
         if sums.kd_sum is not None:
@@ -411,6 +480,92 @@ class DistillationTrainer(transformers.Trainer):
 def _device_of(inputs: Mapping[str, Any]) -> torch.device | None:
     value = inputs.get("input_ids")
     return value.device if isinstance(value, torch.Tensor) else None
+
+
+def _is_cached_collate(collator: Any) -> bool:
+    from kdistill.cache.batches import CachedTeacherCollate
+
+    return isinstance(collator, CachedTeacherCollate)
+
+
+def _first_example(dataset: Any) -> Any:
+    try:
+        return dataset[0] if dataset is not None and len(dataset) else None
+    except (TypeError, KeyError, IndexError):  # an iterable dataset: checked at its first batch instead
+        return None
+
+
+def _check_cached_setup(model: nn.Module, teacher_model: Any, args: DistillationArguments, kwargs: dict) -> None:
+    """What a run from a teacher cache needs, checked before the Trainer exists (names the argument)."""
+    from kdistill.cache.batches import CACHE_INDEX
+
+    if teacher_model is not None:
+        raise InvalidArgumentError(
+            "teacher_model and a teacher cache were both given; the cache stands in for the teacher, pass one"
+        )
+    if args.on_policy_fraction > 0:
+        raise InvalidArgumentError(
+            f"on_policy_fraction={args.on_policy_fraction!r} cannot be used with a teacher cache: the teacher never "
+            "scored the student's own samples; set on_policy_fraction=0 or run the teacher live"
+        )
+    collator = kwargs.get("data_collator")
+    if _is_cached_collate(collator):
+        if args.teacher_cache is not None:
+            raise InvalidArgumentError(
+                "data_collator is already a CachedTeacherCollate and teacher_cache is set too; give one of them"
+            )
+        if collator.leftover_policy != args.cache_leftover:
+            raise InvalidArgumentError(
+                f"the CachedTeacherCollate has leftover_policy={collator.leftover_policy!r} but "
+                f"cache_leftover={args.cache_leftover!r}; they must agree"
+            )
+    for name in ("train_dataset", "eval_dataset"):
+        example = _first_example(kwargs.get(name))
+        if isinstance(example, Mapping) and CACHE_INDEX not in example:
+            raise InvalidArgumentError(
+                f"{name} example 0 has no {CACHE_INDEX!r}: with a teacher cache every example names its row in the "
+                "cache (kdistill.cache.batches.with_cache_index on the cached examples, in the cached order)"
+                + (
+                    "; the cache holds the training examples only, so evaluate without it"
+                    if name == "eval_dataset"
+                    else ""
+                )
+            )
+    reader = collator.reader if _is_cached_collate(collator) else _open_cache(args.teacher_cache)
+    manifest = reader.manifest
+    if not math.isclose(float(manifest["temperature"]), float(args.temperature)):
+        from kdistill.cache import CacheMismatchError
+
+        raise CacheMismatchError(
+            f"cache manifest field 'temperature' is {float(manifest['temperature'])!r} but the arguments have "
+            f"temperature={float(args.temperature)!r}"
+        )
+    head = unwrap_causal_lm(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    vocab = int(manifest["vocab_size"])
+    if isinstance(weight, torch.Tensor) and weight.shape[0] != vocab and args.vocab_policy == "error":
+        raise VocabMismatchError(
+            f"student vocabulary has {weight.shape[0]} entries but the cache's teacher vocabulary has {vocab} "
+            "(manifest vocab_size); set vocab_policy='truncate' or 'pad' if token ids agree on the shared part"
+        )
+
+
+def _open_cache(directory: str) -> Any:
+    from kdistill.cache import CacheIncompleteError, CacheReader
+
+    reader = CacheReader(directory)
+    if not reader.is_complete():
+        raise CacheIncompleteError(f"teacher_cache: the cache at {directory} is missing shards; rerun kdistill cache")
+    return reader
+
+
+def _cached_collator(collator: Any, args: DistillationArguments) -> Any:
+    """``collator`` plus each batch's cached teacher outputs (``batch["teacher_topk"]``)."""
+    from kdistill.cache.batches import CachedTeacherCollate
+
+    assert args.teacher_cache is not None
+    reader = _open_cache(args.teacher_cache)
+    return CachedTeacherCollate(collator, reader, per_token=True, leftover_policy=args.cache_leftover)
 
 
 def _wrap_with_peft(model: nn.Module, peft_config: Any) -> nn.Module:

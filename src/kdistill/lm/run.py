@@ -7,6 +7,14 @@ batches, LoRA). Data, tokenizer, teacher and student come from the same builders
 ``student/`` and ``eval.json`` (perplexity, next-token accuracy and, with a teacher, agreement and KL to it).
 A LoRA student is saved twice: its adapter in ``student_adapter/`` and, merged into the base weights, as a plain
 model in ``student/`` (what every other run writes, loadable with ``AutoModelForCausalLM.from_pretrained``).
+
+With ``distill.teacher_cache`` (a directory ``kdistill cache RUN.yaml`` wrote) the teacher never runs: its cached
+top-k log-probabilities are the KD term's teacher (see :class:`~kdistill.integrations.hf.DistillationTrainer`). The
+cache's manifest must match the run (teacher, teacher tokenizer, training examples in order, temperature) or the
+run is refused, naming the field, before anything is written. The teacher is still loaded when the student is built
+from it (``student.kind: from_teacher`` or ``shrink``), as in the engine's runs, and dropped before training.
+Evaluation then has no teacher: ``eval.json`` has perplexity and next-token accuracy, and its ``not_measured``
+entry says that agreement and KL to the teacher were not computed, and why.
 """
 
 from __future__ import annotations
@@ -16,7 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from kdistill.config import RunConfig
-from kdistill.errors import InvalidArgumentError, KdistillError
+from kdistill.errors import InvalidArgumentError, KdistillError, VocabMismatchError
+
+# what eval.json says in place of the teacher metrics when a cache stood in for the teacher
+CACHE_NOT_MEASURED = (
+    "teacher_agreement and kl_to_teacher: distill.teacher_cache stood in for the teacher, which never ran, and the "
+    "cache holds the training examples only"
+)
 
 
 def check_causal_lm_config(config: RunConfig) -> None:
@@ -31,11 +45,17 @@ def check_causal_lm_config(config: RunConfig) -> None:
         raise InvalidArgumentError("teacher.fine_tune is not available for task causal_lm; use teacher.adapter")
     if config.extra_teachers:
         raise InvalidArgumentError("extra_teachers is not available for task causal_lm (one teacher)")
-    if spec.teacher_cache is not None:
-        raise InvalidArgumentError(
-            "distill.teacher_cache is not available for task causal_lm yet (the engine's tasks read it); "
-            "run the teacher live, with distill.chunked_loss for memory"
-        )
+    if spec.teacher_cache is not None and config.mode == "distill":
+        if spec.on_policy_fraction > 0:
+            raise InvalidArgumentError(
+                f"distill.on_policy_fraction={spec.on_policy_fraction} cannot be used with distill.teacher_cache: "
+                "the teacher never scored the student's own samples; set it to 0 or run the teacher live"
+            )
+        if config.training.eval_every:
+            raise InvalidArgumentError(
+                "training.eval_every cannot be used with distill.teacher_cache for task causal_lm: the cache holds "
+                "the teacher's outputs on the training examples only; the evaluation after training still runs"
+            )
     if spec.layer_map is not None or spec.matches or spec.stages:
         raise InvalidArgumentError(
             "distill.layer_map, distill.matches and distill.stages are not available for task causal_lm; "
@@ -96,6 +116,8 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         on_policy_fraction=0.0 if baseline else spec.on_policy_fraction,
         on_policy_max_new_tokens=spec.on_policy_max_new_tokens,
         on_policy_temperature=spec.on_policy_temperature,
+        teacher_cache=spec.teacher_cache if config.mode == "distill" else None,
+        cache_leftover=spec.cache_leftover,
     )
 
 
@@ -145,6 +167,50 @@ def causal_lm_parts(config: RunConfig) -> Any:
     return parts
 
 
+def check_teacher_cache(config: RunConfig, parts: Any) -> Any:
+    """The run's :class:`~kdistill.cache.CacheReader`, after checking that the cache was written for this run.
+
+    The fields the run decides are compared with the manifest, as the engine's cached runs do: the teacher (its
+    path as the run names it), the teacher tokenizer's hash, the fingerprint of the training examples (in order:
+    the cache is addressed by example index), their number and the temperature. A difference raises
+    :class:`~kdistill.cache.CacheMismatchError` naming the field. Student and teacher must also share a tokenizer:
+    the cached ids are the teacher's, and the student reads them as its own.
+    """
+    from kdistill.cache import CacheIncompleteError, CacheMismatchError, CacheReader, dataset_fingerprint
+    from kdistill.cache import tokenizer_hash as hash_of
+    from kdistill.tasks.base import tokenizers_differ
+
+    spec = config.distill
+    if tokenizers_differ(parts.student_tokenizer, parts.teacher_tokenizer):
+        from kdistill.tasks.causal_lm import _tokenizer_name
+
+        teacher_name, student_name = _tokenizer_name(parts.teacher_tokenizer), _tokenizer_name(parts.student_tokenizer)
+        raise VocabMismatchError(
+            f"distill.teacher_cache holds token ids of the teacher's tokenizer ({teacher_name}) but the student's "
+            f"({student_name}) differs; a cache needs one tokenizer"
+        )
+    reader = CacheReader(spec.teacher_cache)
+    if not reader.is_complete():
+        raise CacheIncompleteError(
+            f"distill.teacher_cache: the cache at {spec.teacher_cache} is missing shards; rerun kdistill cache"
+        )
+    found = reader.manifest
+    expected: dict[str, Any] = {
+        "teacher": config.teacher.path if config.teacher is not None else found["teacher"],
+        "tokenizer_hash": hash_of(parts.teacher_tokenizer) if parts.teacher_tokenizer else found["tokenizer_hash"],
+        "dataset_fingerprint": dataset_fingerprint(parts.train_examples),
+        "temperature": float(spec.temperature),
+        "num_examples": len(parts.train_examples),
+        "num_heads": 1,
+    }
+    for field, value in expected.items():
+        if found.get(field) != value:
+            raise CacheMismatchError(
+                f"cache manifest field {field!r} is {found.get(field)!r} but the run has {value!r}"
+            )
+    return reader
+
+
 def run_causal_lm(config: RunConfig) -> Any:
     """Carry out one causal-LM run (see the module docstring for what it writes)."""
     from kdistill.integrations.hf import DistillationTrainer
@@ -156,7 +222,15 @@ def run_causal_lm(config: RunConfig) -> Any:
     parts = causal_lm_parts(config)
     tokenizer = parts.student_tokenizer
     teacher = None
-    if config.mode == "distill":
+    train_examples = parts.train_examples
+    cached = config.mode == "distill" and config.distill.teacher_cache is not None
+    if cached:  # the cache stands in for the teacher: checked against the run before anything is written
+        from kdistill.cache.batches import with_cache_index
+
+        check_teacher_cache(config, parts)
+        train_examples = with_cache_index(parts.train_examples)
+        parts.teacher = None  # loaded only to build the student from; never run, not kept
+    elif config.mode == "distill":
         teacher = parts.task.adapt_teacher(
             parts.teacher, tokenizer=tokenizer, teacher_tokenizer=parts.teacher_tokenizer
         )
@@ -169,7 +243,7 @@ def run_causal_lm(config: RunConfig) -> Any:
         teacher_model=teacher,
         args=args,
         peft_config=lora_config(config),
-        train_dataset=parts.train_examples,
+        train_dataset=train_examples,
         eval_dataset=parts.eval_examples.get("validation") if config.training.eval_every else None,
         data_collator=collator,
         processing_class=tokenizer,
@@ -191,5 +265,8 @@ def run_causal_lm(config: RunConfig) -> Any:
             if parts.has_split(split):
                 scores = evaluate_causal_lm(parts, model, split, config.training.eval_batch_size)
                 metrics.update({f"{split}/{key}": value for key, value in scores.items()})
-        write_json_atomically(out / "eval.json", metrics)
+        written: dict[str, Any] = dict(metrics)
+        if cached:
+            written["not_measured"] = CACHE_NOT_MEASURED
+        write_json_atomically(out / "eval.json", written)
     return RunResult(out, student_dir, metrics, record["seconds"])
