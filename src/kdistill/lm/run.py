@@ -45,6 +45,12 @@ def check_causal_lm_config(config: RunConfig) -> None:
         raise InvalidArgumentError("teacher.fine_tune is not available for task causal_lm; use teacher.adapter")
     if config.extra_teachers:
         raise InvalidArgumentError("extra_teachers is not available for task causal_lm (one teacher)")
+    if spec.cross_tokenizer is not None:
+        raise InvalidArgumentError(
+            f"distill.cross_tokenizer={spec.cross_tokenizer!r} is not available for task causal_lm yet; token-level "
+            "distillation of a causal LM needs the teacher's tokenizer for the student (or use black-box "
+            "distillation: kdistill generate, then SFT)"
+        )
     if spec.teacher_cache is not None and config.mode == "distill":
         if spec.on_policy_fraction > 0:
             raise InvalidArgumentError(
