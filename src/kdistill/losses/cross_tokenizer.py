@@ -9,9 +9,13 @@ per-id divergence makes sense. Two tools here:
   distance. That is the closed-form Wasserstein-1 distance ULD uses; it only compares the *shapes* of the two
   distributions, so it needs no mapping between vocabularies.
 * :func:`align_by_offsets` groups the two tokenizations of one text into minimal spans covering the same characters,
-  and :func:`aligned_distillation_loss` compares the two models at the last token of each group (by the ULD distance,
-  or by any registered divergence when both models share one vocabulary). This pairs positions by the text they
-  cover instead of by their index, which is what a split word (``"unbelievable"`` vs ``"un" "believ" "able"``) needs.
+  and :func:`aligned_distillation_loss` compares the two models once per group (by the ULD distance, or by any
+  registered divergence when both models share one output space). This pairs positions by the text they cover
+  instead of by their index, which is what a split word (``"unbelievable"`` vs ``"un" "believ" "able"``) needs.
+  A group is read at one token per side, the same on both: its ``"last"`` token (the default: the position whose
+  prediction follows the whole span, right for language models) or its ``"first"`` token (right for token
+  classification, where a word's tag sits on its first piece, and a merged span of several words starts with the
+  word whose tag opens it).
 
 The teacher is detached in the ULD distance: gradients reach the student only. Temperatures divide both sides'
 logits; no T² factor inside.
@@ -30,6 +34,12 @@ from kdistill.losses._common import check_mask, check_reduction, check_temperatu
 
 Offsets = Sequence[tuple[int, int]] | Sequence[Sequence[int]] | torch.Tensor
 Group = tuple[list[int], list[int]]
+POSITIONS = ("last", "first")  # which token of an aligned group stands for it, on both sides
+
+
+def _check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise InvalidArgumentError(f"position must be one of {', '.join(map(repr, POSITIONS))}, got {position!r}")
 
 
 def _uld_rows(student_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
@@ -231,8 +241,9 @@ def _aligned_rows(
     method: str | Callable[..., torch.Tensor],
     temperature: float,
     kwargs: dict[str, Any],
+    position: str = "last",
 ) -> torch.Tensor:
-    """Per-group distances ``(n_groups,)`` for one sequence pair."""
+    """Per-group distances ``(n_groups,)`` for one sequence pair, each group read at its ``position`` token."""
     _check_floating("student_logits", student_logits, (2,))
     _check_floating("teacher_logits", teacher_logits, (2,))
     for name, logits, offsets in (
@@ -252,11 +263,12 @@ def _aligned_rows(
         )
     groups = align_by_offsets(student_offsets, teacher_offsets)
     device = student_logits.device
-    student_last = torch.tensor([g[0][-1] for g in groups], dtype=torch.long, device=device)
-    teacher_last = torch.tensor([g[1][-1] for g in groups], dtype=torch.long, device=teacher_logits.device)
+    pick = -1 if position == "last" else 0
+    student_index = torch.tensor([g[0][pick] for g in groups], dtype=torch.long, device=device)
+    teacher_index = torch.tensor([g[1][pick] for g in groups], dtype=torch.long, device=teacher_logits.device)
     dtype = compute_dtype(student_logits, teacher_logits)
-    student_rows = student_logits[student_last].to(dtype)
-    teacher_rows = teacher_logits[teacher_last].to(dtype)
+    student_rows = student_logits[student_index].to(dtype)
+    teacher_rows = teacher_logits[teacher_index].to(dtype)
     if fn is None:
         return _uld_rows(student_rows / temperature, teacher_rows.detach() / temperature)
     return fn(student_rows, teacher_rows, temperature=temperature, reduction="none", **kwargs)
@@ -271,12 +283,14 @@ def aligned_distillation_loss(
     method: str | Callable[..., torch.Tensor] = "uld",
     temperature: float = 1.0,
     reduction: str = "mean",
+    position: str = "last",
     **kwargs: Any,
 ) -> torch.Tensor:
     """Distillation over the minimal aligned spans of ONE sequence pair (see :func:`align_by_offsets`).
 
-    Each aligned group is scored at its last token on both sides: the token whose prediction follows the whole
-    span, so both models are predicting what comes after the same text.
+    Each aligned group is scored at one token per side, its last by default: the token whose prediction follows
+    the whole span, so both models are predicting what comes after the same text. Token classification reads the
+    first token instead (``position="first"``), where the tag of the group's first word sits.
 
     Args:
         student_logits: ``(T_s, V_s)``, one row per student token (``len(student_offsets) == T_s``).
@@ -288,12 +302,14 @@ def aligned_distillation_loss(
         temperature: both sides' logits are divided by it.
         reduction: ``"mean"`` over groups (0 when there are none), ``"sum"``, ``"batchmean"`` (= sum: one
             sequence), ``"none"`` ``(n_groups,)``.
+        position: ``"last"`` or ``"first"``: the token of each group (on both sides) whose logits stand for it.
         **kwargs: passed to the divergence (``beta``, ``skew``).
     """
     check_reduction(reduction)
     check_temperature(temperature)
+    _check_position(position)
     per_group = _aligned_rows(
-        student_logits, teacher_logits, student_offsets, teacher_offsets, method, temperature, kwargs
+        student_logits, teacher_logits, student_offsets, teacher_offsets, method, temperature, kwargs, position
     )
     if reduction == "none":
         return per_group
@@ -309,6 +325,7 @@ def aligned_distillation_loss_batch(
     method: str | Callable[..., torch.Tensor] = "uld",
     temperature: float = 1.0,
     reduction: str = "mean",
+    position: str = "last",
     **kwargs: Any,
 ) -> torch.Tensor:
     """:func:`aligned_distillation_loss` over the rows of a batch (a Python loop; alignment is per text anyway).
@@ -320,10 +337,11 @@ def aligned_distillation_loss_batch(
         student_offsets: ``B`` offset lists, one per row.
         teacher_offsets: ``B`` offset lists.
         reduction: ``"mean"`` over all groups of all rows, ``"sum"``, or ``"batchmean"`` (sum / B).
-        method, temperature, **kwargs: as in :func:`aligned_distillation_loss`.
+        method, temperature, position, **kwargs: as in :func:`aligned_distillation_loss`.
     """
     check_reduction(reduction, ("mean", "sum", "batchmean"))
     check_temperature(temperature)
+    _check_position(position)
     _check_floating("student_logits", student_logits, (3,))
     _check_floating("teacher_logits", teacher_logits, (3,))
     batch = student_logits.shape[0]
@@ -349,6 +367,7 @@ def aligned_distillation_loss_batch(
                 method,
                 temperature,
                 kwargs,
+                position,
             )
         )
     per_group = torch.cat(pieces) if pieces else student_logits.new_zeros(0)

@@ -9,6 +9,14 @@ A word-level student with its own vocabulary (a BiLSTM over a :class:`~kdistill.
 learns from a subword teacher word by word: each example carries both tokenizations, and the teacher, wrapped in
 :class:`FirstPieceLogits` (see :meth:`TokenClassificationTask.adapt_teacher`), is read at each word's first piece,
 so both sides give logits ``(B, W, C)`` over the same words.
+
+With ``cross_tokenizer`` set (``distill.cross_tokenizer``: ``"uld"`` or ``"align"``), the teacher keeps its own
+word-piece positions instead: each example carries both tokenizations with each token's character span in the
+row's text, and :class:`~kdistill.distillers.cross.CrossTokenizerDistiller` pairs the two sides (by order for ULD,
+by the characters they cover for ``"align"``). The rows hold pre-split words, so their text is *defined* as the
+words joined by single spaces: word ``k`` starts at ``sum(len(w) + 1 for w in words[:k])``, and a token's span is
+its span inside its word shifted by that start. Any student tokenizer that gives ``word_ids`` and offsets works
+(a ``WordTokenizer``, or a fast subword tokenizer with another vocabulary).
 """
 
 from __future__ import annotations
@@ -61,6 +69,13 @@ class TokenClassificationTask:
     tags_column: str = "tags"
     label_names: tuple[str, ...] | None = None
     name: str = "token"
+    # None: one tokenization, or a word-level student read against the teacher's first pieces; "uld" / "align":
+    # the teacher keeps its own pieces and examples carry both sides' character offsets (see the module docstring)
+    cross_tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cross_tokenizer not in (None, "uld", "align"):
+            raise InvalidArgumentError(f"cross_tokenizer must be 'uld', 'align' or None, got {self.cross_tokenizer!r}")
 
     @property
     def view(self) -> TokenView:
@@ -113,6 +128,14 @@ class TokenClassificationTask:
         "example_id", "labelled_words"}`` with one student token, one label and one teacher first-piece index
         (``word_starts``) per kept word (a word is kept when the teacher's truncation keeps a piece of it).
 
+        With ``cross_tokenizer`` set and a ``teacher_tokenizer`` given (the same one or another), examples carry
+        both tokenizations of the kept words, each side with its own ``offset_mapping`` (character spans in the
+        words joined by single spaces; ``(0, 0)`` for special tokens): ``{"student": {"input_ids", ...,
+        "offset_mapping"}, "teacher": {"input_ids", ..., "offset_mapping", "word_starts"}, "labels", "example_id",
+        "labelled_words"}``. ``labels`` follow the student's tokens (first piece of each word); ``word_starts`` gives,
+        per student token, the teacher's first piece of the same word, so the teacher can still be scored on the
+        student's labels (:meth:`predict` with ``inputs="teacher"``).
+
         Args:
             dataset: a ``datasets.Dataset`` or a list of row dicts.
             tokenizer: a fast Hugging Face tokenizer (it must give ``word_ids``) or a ``WordTokenizer``.
@@ -123,17 +146,21 @@ class TokenClassificationTask:
 
         Raises:
             InvalidArgumentError: a row whose words and tags differ in number, a tag outside the tag set (naming
-                it, the row and the set), a slow tokenizer, or two different subword tokenizers.
+                it, the row and the set), a slow tokenizer, or two different subword tokenizers without
+                ``cross_tokenizer`` (naming both).
         """
-        word_aligned = tokenizers_differ(tokenizer, teacher_tokenizer)
+        cross = self.cross_tokenizer is not None and teacher_tokenizer is not None
+        word_aligned = not cross and tokenizers_differ(tokenizer, teacher_tokenizer)
         if word_aligned and not isinstance(tokenizer, WordTokenizer):
             raise InvalidArgumentError(
-                "token classification with two tokenizers needs a word-level student (a WordTokenizer), whose "
-                "logits are compared with the teacher's at each word's first piece; a subword student must share "
-                "the teacher's tokenizer (pass teacher_tokenizer=None)"
+                f"token classification with two tokenizers (student: {_tokenizer_name(tokenizer)}, teacher: "
+                f"{_tokenizer_name(teacher_tokenizer)}) needs a word-level student (a WordTokenizer), whose logits "
+                "are compared with the teacher's at each word's first piece, or distill.cross_tokenizer ('uld' or "
+                "'align') to pair the two tokenizations; otherwise a subword student must share the teacher's "
+                "tokenizer"
             )
         require_fast(tokenizer, "token classification")
-        if word_aligned:
+        if word_aligned or cross:
             require_fast(teacher_tokenizer, "token classification (the teacher's tokenizer)")
         names = resolve_label_names(dataset, self.tags_column, label_names or self.label_names, per_token=True)
         index_of = {label: i for i, label in enumerate(names)}
@@ -151,6 +178,11 @@ class TokenClassificationTask:
         truncate = max_length is not None
         for span in chunks(len(words_per_row)):
             batch_words = [list(words) for words in words_per_row[span.start : span.stop]]
+            if cross:
+                examples += _cross_examples(
+                    batch_words, span, tag_ids, tokenizer, teacher_tokenizer, truncate, max_length
+                )
+                continue
             if word_aligned:
                 encoding = teacher_tokenizer(
                     batch_words, is_split_into_words=True, truncation=truncate, max_length=max_length
@@ -170,7 +202,10 @@ class TokenClassificationTask:
 
     def adapt_teacher(self, teacher: nn.Module, *, tokenizer: Any, teacher_tokenizer: Any = None) -> nn.Module:
         """The teacher as the distiller runs it: wrapped in :class:`FirstPieceLogits` when the examples are
-        word-aligned (a ``WordTokenizer`` student with another teacher tokenizer), else the teacher itself."""
+        word-aligned (a ``WordTokenizer`` student with another teacher tokenizer), else the teacher itself (always
+        with ``cross_tokenizer``: the teacher keeps its own positions)."""
+        if self.cross_tokenizer is not None:
+            return teacher
         if tokenizers_differ(tokenizer, teacher_tokenizer) and not isinstance(teacher, FirstPieceLogits):
             return FirstPieceLogits(teacher)
         return teacher
@@ -284,6 +319,79 @@ def align_labels(word_ids: Sequence[int | None], word_tags: Sequence[int]) -> tu
     return labels, labelled_words
 
 
+def _tokenizer_name(tokenizer: Any) -> str:
+    """A tokenizer as an error message names it: its class and where it was loaded from (or its vocabulary size)."""
+    if isinstance(tokenizer, WordTokenizer):
+        return repr(tokenizer)
+    path = getattr(tokenizer, "name_or_path", None)
+    if path:
+        return f"{type(tokenizer).__name__} from {path}"
+    return f"{type(tokenizer).__name__} with {len(tokenizer) if hasattr(tokenizer, '__len__') else '?'} tokens"
+
+
+def _text_offsets(
+    spans: Sequence[Sequence[int]], word_ids: Sequence[int | None], word_starts: Sequence[int]
+) -> list[list[int]]:
+    """Spans inside each word (what tokenizers give for pre-split words) → spans in the words joined by spaces."""
+    out = []
+    for (start, end), word in zip(spans, word_ids, strict=True):
+        out.append([0, 0] if word is None else [word_starts[word] + int(start), word_starts[word] + int(end)])
+    return out
+
+
+def _cross_examples(
+    batch_words: list[list[str]],
+    span: range,
+    tag_ids: list[list[int]],
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    truncate: bool,
+    max_length: int | None,
+) -> list[dict[str, Any]]:
+    """Examples with both tokenizations and their character offsets (see :meth:`TokenClassificationTask.preprocess`).
+
+    The teacher tokenizes the words first; the student then tokenizes the words the teacher kept (at least one
+    piece), so that truncation leaves both sides on the same text as far as the student's own limit allows.
+    """
+    options = {"is_split_into_words": True, "truncation": truncate, "max_length": max_length}
+    teacher_encoding = teacher_tokenizer(batch_words, return_offsets_mapping=True, **options)
+    kept_per_row = []
+    for offset in range(len(batch_words)):
+        present = {word for word in teacher_encoding.word_ids(offset) if word is not None}
+        kept_per_row.append(sorted(present))
+    student_words = [[words[w] for w in kept] for words, kept in zip(batch_words, kept_per_row, strict=True)]
+    student_encoding = tokenizer(student_words, return_offsets_mapping=True, **options)
+    examples = []
+    for offset, row in enumerate(span):
+        words, kept = batch_words[offset], kept_per_row[offset]
+        starts = [0]
+        for word in words[:-1]:
+            starts.append(starts[-1] + len(word) + 1)  # the text is the words joined by single spaces
+        teacher_words = teacher_encoding.word_ids(offset)
+        first_piece: dict[int, int] = {}
+        for position, word in enumerate(teacher_words):
+            if word is not None and word not in first_piece:
+                first_piece[word] = position
+        local_words = student_encoding.word_ids(offset)  # indices into `kept`
+        student_words_of = [None if w is None else kept[w] for w in local_words]
+        labels, labelled = align_labels(local_words, [tag_ids[row][w] for w in kept])
+        teacher = token_inputs(teacher_encoding, offset)
+        teacher["offset_mapping"] = _text_offsets(teacher_encoding["offset_mapping"][offset], teacher_words, starts)
+        teacher["word_starts"] = [0 if w is None else first_piece[w] for w in student_words_of]
+        student = token_inputs(student_encoding, offset)
+        student["offset_mapping"] = _text_offsets(student_encoding["offset_mapping"][offset], student_words_of, starts)
+        examples.append(
+            {
+                "student": student,
+                "teacher": teacher,
+                "labels": labels,
+                "example_id": row,
+                "labelled_words": [kept[w] for w in labelled],
+            }
+        )
+    return examples
+
+
 def _word_aligned_example(
     teacher_encoding: Any, offset: int, row: int, words: list[str], word_tags: list[int], tokenizer: WordTokenizer
 ) -> dict[str, Any]:
@@ -345,7 +453,8 @@ class FirstPieceLogits(nn.Module):
 @dataclass(frozen=True)
 class TokenCollator:
     """:class:`PadCollator` for plain examples; for word-aligned ones it pads the student's ids, the labels and the
-    teacher's ``word_starts`` to the student's length ``W`` and the teacher's ids to its own length."""
+    teacher's ``word_starts`` to the student's length ``W`` and the teacher's ids to its own length. Each side's
+    ``offset_mapping`` (cross-tokenizer examples) becomes ``(B, T, 2)`` with ``(0, 0)`` on padding."""
 
     pad_id: int = 0
 
@@ -353,10 +462,15 @@ class TokenCollator:
         pad = PadCollator(pad_id=self.pad_id)
         if not examples or "student" not in examples[0]:
             return pad(examples)
-        student = pad([e["student"] for e in examples])
-        teacher = pad([{k: v for k, v in e["teacher"].items() if k != "word_starts"} for e in examples])
+        own = ("word_starts", "offset_mapping")
+        student = pad([{k: v for k, v in e["student"].items() if k not in own} for e in examples])
+        teacher = pad([{k: v for k, v in e["teacher"].items() if k not in own} for e in examples])
         length = student["input_ids"].shape[1]
         teacher["word_starts"] = _pad_rows([e["teacher"]["word_starts"] for e in examples], length, 0)
+        if "offset_mapping" in examples[0]["student"]:
+            student["offset_mapping"] = _pad_spans([e["student"]["offset_mapping"] for e in examples], length)
+            spans = [e["teacher"]["offset_mapping"] for e in examples]
+            teacher["offset_mapping"] = _pad_spans(spans, teacher["input_ids"].shape[1])
         return {
             "student": student,
             "teacher": teacher,
@@ -370,6 +484,14 @@ def _pad_rows(rows: Sequence[Sequence[int]], length: int, value: int) -> torch.T
     out = torch.full((len(rows), length), value, dtype=torch.long)  # (B, W)
     for index, row in enumerate(rows):
         out[index, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    return out
+
+
+def _pad_spans(rows: Sequence[Sequence[Sequence[int]]], length: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), length, 2), dtype=torch.long)  # (B, T, 2); (0, 0) = no text
+    for index, row in enumerate(rows):
+        if row:
+            out[index, : len(row)] = torch.as_tensor([list(pair) for pair in row], dtype=torch.long)
     return out
 
 
