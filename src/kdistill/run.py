@@ -138,7 +138,16 @@ def run(config: RunConfig) -> RunResult:
             parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
         )
         objective = build_objective(config, parts)
-        if parts.extra_teachers:
+        if config.distill.cross_tokenizer is not None:  # token level: the teacher keeps its own tokens (make_task)
+            from kdistill.distillers import CrossTokenizerDistiller
+
+            if parts.extra_teachers:
+                raise KdistillError(
+                    "distill.cross_tokenizer pairs one teacher's tokens with the student's; remove extra_teachers"
+                )
+            method = config.distill.cross_tokenizer
+            distiller = CrossTokenizerDistiller(parts.student, teacher, objective, method=method, view=parts.task.view)
+        elif parts.extra_teachers:
             distiller = MultiTeacherDistiller(
                 parts.student,
                 [teacher, *parts.extra_teachers],

@@ -146,12 +146,27 @@ def make_task(config: RunConfig, splits: Any) -> Any:
 
     data = config.data
     name = TASK_NAMES[config.task]
+    if config.distill.cross_tokenizer is not None and name in ("sequence", "qa"):
+        from kdistill.errors import InvalidArgumentError
+
+        why = (
+            "it compares one prediction per example, whatever each side's tokenizer, so there are no tokens to pair"
+            if name == "sequence"
+            else "its start and end logits live on one tokenization"
+        )
+        raise InvalidArgumentError(
+            f"distill.cross_tokenizer applies to token_classification, not {config.task}: {why}; remove it"
+        )
     if name == "sequence":
         task = TASKS.get(name)(
             text_column=data.text_column, text_pair_column=data.text_pair_column, label_column=data.label_column
         )
     elif name == "token":
-        task = TASKS.get(name)(tokens_column=data.tokens_column, tags_column=data.tags_column)
+        task = TASKS.get(name)(
+            tokens_column=data.tokens_column,
+            tags_column=data.tags_column,
+            cross_tokenizer=config.distill.cross_tokenizer,
+        )
     elif name == "causal_lm":
         if "train" not in splits:
             raise KdistillError(f"data has no 'train' split (splits: {', '.join(splits)})")

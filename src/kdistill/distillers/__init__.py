@@ -9,11 +9,13 @@ from kdistill.distillers.core import (
     freeze,
     model_inputs,
 )
+from kdistill.distillers.cross import CrossTokenizerDistiller
 from kdistill.distillers.multitask import MultiTaskDistiller
 from kdistill.distillers.objective import Match, Objective, Stage, TermValue, expand_layer_map
 from kdistill.distillers.views import SequenceView, TokenView, infer_view
 
 __all__ = [
+    "CrossTokenizerDistiller",
     "Distiller",
     "Match",
     "MultiTaskDistiller",
