@@ -150,6 +150,10 @@ def test_a_run_refuses_a_cache_written_for_other_settings(tmp_path: Path, capsys
     assert main([*args, "distill.layer_map=last"]) == 2  # the cache holds no teacher features for the match
     assert "'features' is [] but the run has ['layer 4']" in capsys.readouterr().err
     assert main(args) == 0  # top-1 cache, renormalized: trains
+    other = tmp_path / "cross"
+    assert main(["cache", str(path), "distill.cross_tokenizer=align", "--out", str(other)]) == 2
+    assert "distill.cross_tokenizer='align'" in capsys.readouterr().err
+    assert not other.exists()  # refused before the directory was made
 
 
 def test_a_run_with_hidden_state_matches_from_a_cache_ends_like_the_live_run(tmp_path: Path) -> None:

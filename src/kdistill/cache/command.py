@@ -55,6 +55,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.teacher is None:
         raise InvalidArgumentError("the run has no teacher section: there is nothing to cache")
+    if config.distill.cross_tokenizer is not None:
+        raise InvalidArgumentError(
+            f"distill.cross_tokenizer={config.distill.cross_tokenizer!r}: a teacher with its own tokenization cannot "
+            "be cached (the cache lays its outputs on the student's positions); train with the live teacher"
+        )
     if not isinstance(config.distill.temperature, (int, float)):
         raise InvalidArgumentError("distill.temperature must be a number to cache the teacher's outputs at it")
     if args.batch_size < 1 or args.shard_size < 1:

@@ -59,6 +59,12 @@ def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, 
     specs = cached_feature_specs(objective)
     if parts.extra_teachers:
         raise InvalidArgumentError("distill.teacher_cache replaces one teacher; extra_teachers cannot be cached")
+    if getattr(spec, "cross_tokenizer", None) is not None:
+        raise InvalidArgumentError(
+            f"distill.cross_tokenizer={spec.cross_tokenizer!r} cannot be used with distill.teacher_cache: the cache "
+            "lays the teacher's outputs on the student's positions, which a teacher with its own tokenization does "
+            "not have; train with the live teacher"
+        )
     if not isinstance(spec.temperature, (int, float)):
         raise InvalidArgumentError("distill.temperature must be a number with distill.teacher_cache (no schedule)")
     view = parts.task.view
