@@ -1,6 +1,7 @@
 """Teacher outputs cached on disk: top-k log-probabilities per counted position, and the teacher features a run's
 intermediate matches need (see :mod:`kdistill.cache.store` for the layout)."""
 
+from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
 from kdistill.cache.store import (
     FORMAT_VERSION,
     MANIFEST_FIELDS,
@@ -24,6 +25,7 @@ __all__ = [
     "CacheIncompleteError",
     "CacheMismatchError",
     "CacheReader",
+    "CachedTeacherCollate",
     "build_manifest",
     "cache_bytes",
     "dataset_fingerprint",
@@ -32,5 +34,6 @@ __all__ = [
     "shard_name",
     "tokenizer_hash",
     "topk_entries",
+    "with_cache_index",
     "write_cache",
 ]

@@ -157,7 +157,7 @@ class DistillConfig(Strict):
     stages: list[StageConfig] = Field(default_factory=list)
     teacher_weights: list[float] | None = None  # multi-teacher: weight of each teacher (teacher, extra_teachers...)
     teacher_combine: Literal["fixed", "confidence"] = "fixed"  # multi-teacher: fixed weights or per-example confidence
-    # the teacher's outputs read from a `kdistill cache` directory instead of running the teacher (KD term only)
+    # the teacher's outputs (and the hidden states its matches need) read from a `kdistill cache` directory
     teacher_cache: str | None = None
     cache_leftover: Literal["renormalize", "uniform"] = "renormalize"  # the mass outside the cached top k
     # teacher and student tokenize the text differently: how their token-level outputs are paired for the KD term.
