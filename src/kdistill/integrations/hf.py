@@ -26,6 +26,12 @@ cached top-k log-probabilities, and the KD term is :func:`kdistill.lm.loss.cache
 (:func:`~kdistill.losses.sparse.sparse_divergence` over the cached support, plain or chunked). Only the KD term
 changes: the CE term, the count and its normalization are those of the live path, so a ``k = V`` cache trains the
 student as the live teacher does.
+
+A teacher with another tokenizer: with ``cross_tokenizer`` (``"uld"`` or ``"align"``) each batch carries the teacher's
+own tokenization of the same records (``batch["teacher"]``, from :func:`kdistill.lm.data.render_sft`) and the KD term
+is :func:`kdistill.lm.cross.cross_tokenizer_loss_sums`: the ULD distance between sorted next-token probabilities,
+positions paired in order (``"uld"``) or by the completion characters they are about to emit (``"align"``). Its sum
+is divided by the same count N (the student's counted next tokens), so accumulation stays exact here too.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import transformers
 from torch import nn
 
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
+from kdistill.lm.cross import CROSS_TOKENIZER_METHODS, cross_tokenizer_loss_sums
 from kdistill.lm.loss import LMLossSums, cached_lm_loss_sums, causal_lm_loss_sums, lm_head_of, unwrap_causal_lm
 from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens
 from kdistill.losses._common import VOCAB_POLICIES
@@ -86,6 +93,14 @@ class DistillationArguments(transformers.TrainingArguments):
         cache_leftover: what the teacher is outside its cached top-k: ``"renormalize"`` (compare on the top-k
             support) or ``"uniform"`` (the leftover mass spread over the other ids); see
             :mod:`kdistill.losses.sparse`.
+        cross_tokenizer: ``"uld"`` or ``"align"`` when the teacher has another tokenizer (batches then carry its
+            tokenization in ``batch["teacher"]``; ``"align"`` also needs ``completion_offsets``, from
+            ``render_sft(..., offsets=True)``); see :mod:`kdistill.lm.cross`. The KD term is then the ULD distance,
+            so ``loss``, ``divergence_kwargs`` and ``vocab_policy`` do not apply (the last two are refused if set);
+            ``kd_weight`` and ``scale_kd_by_t2`` apply as usual. Not available with ``chunked_loss`` (the ULD
+            distance sorts whole probability rows), on-policy steps (the student's samples have no teacher
+            tokenization) or ``teacher_cache`` (a cache holds ids of the teacher's vocabulary and no completion
+            offsets).
     """
 
     loss: str = field(default="forward_kl", metadata={"help": "Registered divergence name (or alias)."})
@@ -103,6 +118,9 @@ class DistillationArguments(transformers.TrainingArguments):
     teacher_dtype: str | None = field(default=None, metadata={"help": "Teacher dtype (auto, bfloat16, ...)."})
     teacher_cache: str | None = field(default=None, metadata={"help": "kdistill cache directory (no teacher)."})
     cache_leftover: str = field(default="renormalize", metadata={"help": "renormalize or uniform."})
+    cross_tokenizer: str | None = field(
+        default=None, metadata={"help": "uld or align: a teacher with another tokenizer (None: one tokenizer)."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: labels and prompt columns must reach compute_loss."}
     )
@@ -160,12 +178,46 @@ class DistillationArguments(transformers.TrainingArguments):
                 "the teacher's outputs on the dataset's completions, and it never scored the student's own samples; "
                 "set on_policy_fraction=0 or run the teacher live"
             )
+        if self.cross_tokenizer is not None:
+            self._check_cross_tokenizer()
         if self.divergence_kwargs is not None:
             if not isinstance(self.divergence_kwargs, Mapping):
                 raise InvalidArgumentError(
                     f"divergence_kwargs must be a dict such as {{'beta': 0.5}}, got {self.divergence_kwargs!r}"
                 )
             self._check_divergence_kwargs()
+
+    def _check_cross_tokenizer(self) -> None:
+        """What ``cross_tokenizer`` cannot be combined with, refused by name (each would be silently wrong)."""
+        if self.cross_tokenizer not in CROSS_TOKENIZER_METHODS:
+            raise InvalidArgumentError(
+                f"cross_tokenizer={self.cross_tokenizer!r} is not one of "
+                f"{', '.join(map(repr, CROSS_TOKENIZER_METHODS))} or None"
+            )
+        why = {
+            "chunked_loss": "the ULD distance sorts whole probability rows, so it needs the logits; set "
+            "chunked_loss=False",
+            "on_policy_fraction": "the student's samples have no teacher tokenization to compare with; set "
+            "on_policy_fraction=0",
+            "teacher_cache": "a cache holds ids of the teacher's vocabulary and no completion offsets; run the "
+            "teacher live",
+            "divergence_kwargs": "the KD term is the ULD distance, which takes none; remove them",
+            "vocab_policy": "it maps one shared vocabulary's ids, and the two vocabularies have no shared ids; "
+            "leave it at 'error'",
+        }
+        given = {
+            "chunked_loss": self.chunked_loss,
+            "on_policy_fraction": self.on_policy_fraction > 0,
+            "teacher_cache": self.teacher_cache is not None,
+            "divergence_kwargs": bool(self.divergence_kwargs),
+            "vocab_policy": self.vocab_policy != "error",
+        }
+        for name, used in given.items():
+            if used:
+                raise InvalidArgumentError(
+                    f"{name}={getattr(self, name)!r} cannot be used with cross_tokenizer={self.cross_tokenizer!r}: "
+                    f"{why[name]}"
+                )
 
     def _check_divergence_kwargs(self) -> None:
         """Call the divergence once on a 1 × 2 example so that a wrong keyword fails here, not at the first step."""
@@ -252,7 +304,7 @@ class DistillationTrainer(transformers.Trainer):
         if peft_config is not None:
             model = _wrap_with_peft(model, peft_config)
         teacher = None if teacher_model is None else _load_teacher(teacher_model, args.teacher_dtype)
-        if teacher is not None:
+        if teacher is not None and args.cross_tokenizer is None:
             _check_vocabularies(model, teacher, args.vocab_policy)
         if args.chunked_loss:  # refuse models the chunked path cannot handle before any step
             lm_head_of(model)
@@ -308,6 +360,19 @@ class DistillationTrainer(transformers.Trainer):
                 "('teacher_topk'); was this batch collated without the cache?"
             )
         self._teacher_to(_device_of(inputs))
+        if args.cross_tokenizer is not None:
+            sums = cross_tokenizer_loss_sums(
+                model,
+                self.teacher,
+                inputs,
+                method=args.cross_tokenizer,
+                temperature=args.temperature,
+                kd_weight=args.kd_weight,
+                ce_weight=args.ce_weight,
+            )
+            return self._finish_loss(model, sums, return_outputs, num_items_in_batch)
+        if args.kd_weight != 0:
+            _check_one_tokenization(inputs)
         sums = causal_lm_loss_sums(
             model,
             self.teacher,
@@ -611,8 +676,27 @@ def _check_vocabularies(student: nn.Module, teacher: nn.Module, vocab_policy: st
         sizes.append(weight.shape[0])
     if sizes[0] != sizes[1]:
         raise VocabMismatchError(
-            f"student vocabulary has {sizes[0]} entries but teacher vocabulary has {sizes[1]}; set "
-            "vocab_policy='truncate' or 'pad' if token ids agree on the shared part"
+            f"student vocabulary has {sizes[0]} entries but teacher vocabulary has {sizes[1]}; if the two "
+            "tokenizers differ, set cross_tokenizer='uld' or 'align' (batches with the teacher's own tokenization), "
+            "or vocab_policy='truncate' or 'pad' if token ids agree on the shared part"
+        )
+
+
+def _check_one_tokenization(inputs: Mapping[str, Any]) -> None:
+    """A batch whose teacher tokenization has other positions than the student's needs ``cross_tokenizer``."""
+    teacher_inputs = inputs.get("teacher")
+    if not isinstance(teacher_inputs, Mapping):
+        return
+    teacher_ids, student_ids = teacher_inputs.get("input_ids"), inputs.get("input_ids")
+    if (
+        isinstance(teacher_ids, torch.Tensor)
+        and isinstance(student_ids, torch.Tensor)
+        and teacher_ids.shape != student_ids.shape
+    ):
+        raise VocabMismatchError(
+            f"the batch holds the teacher's own tokenization ({tuple(teacher_ids.shape)} ids against the student's "
+            f"{tuple(student_ids.shape)}): teacher and student tokenize differently; set cross_tokenizer='uld' or "
+            "'align'"
         )
 
 

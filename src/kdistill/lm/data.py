@@ -4,7 +4,9 @@ An SFT example is a dict of token lists: ``input_ids``, ``attention_mask``, ``la
 labels *are* the input ids, ``-100`` where nothing is learned; they are not shifted here, the causal shift lives
 only in :mod:`kdistill.lm.shift`), ``prompt_length`` (how many leading tokens are the prompt) and ``example_id``.
 Where the teacher tokenizes differently, the example carries a nested ``teacher`` dict with the same keys, and the
-batch gets ``batch["teacher"]`` (the engine's convention: ``batch["teacher"]`` holds the teacher's inputs).
+batch gets ``batch["teacher"]`` (the engine's convention: ``batch["teacher"]`` holds the teacher's inputs). With
+``render_sft(..., offsets=True)`` both tokenizations also carry ``completion_offsets``: each token's characters within
+the assistant completions, which is how cross-tokenizer alignment (:mod:`kdistill.lm.cross`) pairs the two.
 
 * :func:`render_sft` turns instruction / chat / prompt-completion records into such examples, with the prompt masked;
 * :func:`pack_texts` cuts a plain-text corpus into fixed-size blocks where every token is learned;
@@ -46,6 +48,7 @@ __all__ = [
 CHATTERBOT_INSTALL = "pip install --no-deps chatterbot-corpus"
 
 _PADDED_KEYS = ("input_ids", "attention_mask", "labels")
+COMPLETION_OFFSETS = "completion_offsets"  # per token, its characters in the completion text (render_sft offsets=True)
 
 
 def _as_token_list(value: Any, key: str, index: int) -> list[int]:
@@ -80,17 +83,28 @@ class SFTCollator:
         label_pad_id: the label of padded positions; ``-100`` is ignored by every loss.
         pad_to_multiple_of: round padded lengths up to a multiple of this (tensor-core friendly shapes).
         with_prompts: also return the left-padded prompts (examples must carry ``prompt_length``).
+        teacher_pad_token_id: the id padding the teacher's own ``input_ids`` (None: ``pad_token_id``). A teacher with
+            another tokenizer needs an id of *its* vocabulary there: the padded positions are masked, but the
+            embedding lookup still runs on them, and the student's pad id may not exist in the teacher's vocabulary.
     """
 
     pad_token_id: int
     label_pad_id: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
     with_prompts: bool = False
+    teacher_pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
             raise InvalidArgumentError(
                 f"pad_token_id must be an int, got {self.pad_token_id!r} (does the tokenizer have a pad token?)"
+            )
+        if self.teacher_pad_token_id is not None and (
+            isinstance(self.teacher_pad_token_id, bool) or not isinstance(self.teacher_pad_token_id, int)
+        ):
+            raise InvalidArgumentError(
+                f"teacher_pad_token_id must be an int or None, got {self.teacher_pad_token_id!r} (does the teacher's "
+                "tokenizer have a pad token?)"
             )
         if isinstance(self.label_pad_id, bool) or not isinstance(self.label_pad_id, int):
             raise InvalidArgumentError(f"label_pad_id must be an int, got {self.label_pad_id!r}")
@@ -110,7 +124,7 @@ class SFTCollator:
         for index, example in enumerate(examples):
             if not isinstance(example, Mapping):
                 raise InvalidArgumentError(f"example {index} must be a dict, got {type(example).__name__}")
-        batch = self._collate(examples, where="")
+        batch = self._collate(examples, where="", pad_id=self.pad_token_id)
         has_teacher = ["teacher" in e for e in examples]
         if any(has_teacher):
             if not all(has_teacher):
@@ -124,14 +138,15 @@ class SFTCollator:
                     raise InvalidArgumentError(
                         f"example {index}: 'teacher' must be a dict of token lists, got {type(teacher).__name__}"
                     )
-            batch["teacher"] = self._collate(teachers, where="teacher ")
+            teacher_pad = self.pad_token_id if self.teacher_pad_token_id is None else self.teacher_pad_token_id
+            batch["teacher"] = self._collate(teachers, where="teacher ", pad_id=teacher_pad)
         return batch
 
     def _round(self, length: int) -> int:
         multiple = self.pad_to_multiple_of
         return length if multiple is None else -(-length // multiple) * multiple
 
-    def _collate(self, examples: Sequence[Mapping[str, Any]], where: str) -> dict[str, Any]:
+    def _collate(self, examples: Sequence[Mapping[str, Any]], where: str, pad_id: int) -> dict[str, Any]:
         """Pad one tokenization (the student's, or the teachers' with ``where="teacher "`` in messages)."""
         ids: list[list[int]] = []
         masks: list[list[int]] = []
@@ -161,7 +176,7 @@ class SFTCollator:
                 out.append(values)
         length = self._round(max(len(row) for row in ids))
         batch: dict[str, Any] = {
-            "input_ids": self._pad(ids, length, self.pad_token_id, left=False),
+            "input_ids": self._pad(ids, length, pad_id, left=False),
             "attention_mask": self._pad(masks, length, 0, left=False),
         }
         if labels:
@@ -183,7 +198,7 @@ class SFTCollator:
                 prompts.append(row[:count])
                 prompt_masks.append(mask[:count])
             prompt_length = self._round(max(len(p) for p in prompts))
-            batch["prompt_input_ids"] = self._pad(prompts, prompt_length, self.pad_token_id, left=True)
+            batch["prompt_input_ids"] = self._pad(prompts, prompt_length, pad_id, left=True)
             batch["prompt_attention_mask"] = self._pad(prompt_masks, prompt_length, 0, left=True)
         for key in examples[0]:
             if key in _PADDED_KEYS or key == "teacher":
@@ -389,22 +404,97 @@ def _segments(
 
 
 def _tokenize_conversation(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, index: int, add_eos: bool
+    messages: list[dict[str, str]],
+    tokenizer: PreTrainedTokenizerBase,
+    index: int,
+    add_eos: bool,
+    offsets: list[tuple[int, int]] | None = None,
 ) -> tuple[list[int], list[bool], int]:
-    """Token ids, a per-token learned flag, and the prompt length (tokens before the first learned one)."""
+    """Token ids, a per-token learned flag, and the prompt length (tokens before the first learned one).
+
+    When ``offsets`` is a list, it is filled with each token's span in the completion text (see
+    :func:`_completion_spans`).
+    """
     pieces = _segments(messages, tokenizer, index, add_eos)
     texts = [piece for piece, _ in pieces if isinstance(piece, str)]
-    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    spans: Iterable[list[tuple[int, int]]] = iter(())
+    if offsets is None or not texts:
+        encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    else:
+        token_ids, piece_spans = _encode_with_spans(tokenizer, texts)
+        encoded, spans = iter(token_ids), iter(piece_spans)
+    contents = iter([m["content"] for m in messages if m["role"] == "assistant"])
     ids: list[int] = []
     learned: list[bool] = []
     prompt_length: int | None = None
+    base = 0  # where the current assistant turn starts in the completion text
+    tail = (0, 0)  # the end-of-turn span of the latest assistant turn
     for piece, is_learned in pieces:
         tokens = list(next(encoded)) if isinstance(piece, str) else piece
         if is_learned and prompt_length is None:
             prompt_length = len(ids)
         ids.extend(tokens)
         learned.extend([is_learned] * len(tokens))
+        if offsets is None:
+            continue
+        if not is_learned:
+            offsets.extend([(0, 0)] * len(tokens))
+            if isinstance(piece, str):
+                next(spans)
+        elif isinstance(piece, str):
+            piece_offsets, size = _completion_spans(piece, next(contents), next(spans), base)
+            offsets.extend(piece_offsets)
+            tail = (base + size, base + size + 1)
+            base += size + 1
+        else:  # ids added after the text (the EOS of the last turn): the end of that turn
+            offsets.extend([tail] * len(tokens))
     return ids, learned, len(ids) if prompt_length is None else prompt_length
+
+
+def _encode_with_spans(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str]
+) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and each token's character span in its text.
+
+    A fast tokenizer gives the spans itself (``return_offsets_mapping``). For a slow one they are measured by
+    decoding: token ``i`` spans ``len(decode(ids[:i]))`` to ``len(decode(ids[:i + 1]))``, exact whenever decoding
+    gives back the text (quadratic in a piece's length; pieces are one chat turn).
+    """
+    if getattr(tokenizer, "is_fast", False):
+        encoding = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [[(int(a), int(b)) for a, b in row] for row in encoding["offset_mapping"]]
+        return [list(row) for row in encoding["input_ids"]], spans
+    token_ids = [list(row) for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    spans = []
+    for row in token_ids:
+        lengths = [0] + [len(tokenizer.decode(row[: i + 1])) for i in range(len(row))]
+        spans.append([(lengths[i], max(lengths[i], lengths[i + 1])) for i in range(len(row))])
+    return token_ids, spans
+
+
+def _completion_spans(
+    piece: str, content: str, spans: Sequence[tuple[int, int]], base: int
+) -> tuple[list[tuple[int, int]], int]:
+    """The spans of one assistant turn's tokens in the completion text, and the turn's content length.
+
+    The completion text is the assistant contents, each followed by one pseudo-character standing for its end of
+    turn. Two chat templates wrap the same content in different markup, so positions are measured from the start of
+    the content within the rendered turn (``piece``): a token inside the content keeps its characters, a token of
+    the markup after it (the template's end-of-turn tokens) covers the end-of-turn pseudo-character, so both
+    models' end-of-turn tokens fall into one aligned group, and markup before the content gets ``(0, 0)`` (not
+    aligned). A template that alters the content (the content is not found in the rendered turn) is measured over
+    the whole rendered turn instead.
+    """
+    start = piece.find(content) if content else -1
+    size = len(content)
+    if start < 0:
+        start, size = 0, len(piece)
+    out = []
+    for a, b in spans:
+        left = min(max(a - start, 0), size)
+        right = b - start if b - start <= size else size + 1
+        out.append((base + left, base + right) if right > left else (0, 0))
+    return out, size
 
 
 def _example(
@@ -415,16 +505,21 @@ def _example(
     max_length: int,
     mask_prompt: bool,
     add_eos: bool,
+    offsets: bool = False,
 ) -> dict[str, Any] | None:
     """One rendered, truncated example, or None when no learned (completion) token fits in ``max_length``."""
-    ids, learned, prompt_length = _tokenize_conversation(messages, tokenizer, index, add_eos)
+    spans: list[tuple[int, int]] | None = [] if offsets else None
+    ids, learned, prompt_length = _tokenize_conversation(messages, tokenizer, index, add_eos, spans)
     ids, learned = ids[:max_length], learned[:max_length]
     if not any(learned):
         return None
     labels = [
         t if (is_learned or not mask_prompt) else IGNORE_INDEX for t, is_learned in zip(ids, learned, strict=True)
     ]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "prompt_length": prompt_length}
+    example = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "prompt_length": prompt_length}
+    if spans is not None:
+        example[COMPLETION_OFFSETS] = [list(span) for span in spans[:max_length]]
+    return example
 
 
 def render_sft(
@@ -436,6 +531,7 @@ def render_sft(
     system_prompt: str | None = None,
     mask_prompt: bool = True,
     add_eos: bool = True,
+    offsets: bool = False,
 ) -> SFTExamples:
     """Tokenize SFT records into examples for :class:`SFTCollator`, learning the completions only.
 
@@ -462,6 +558,14 @@ def render_sft(
     (vocabulary, chat template or special tokens), every example also holds ``teacher``: the same rendering with
     the teacher's tokenizer (a record is dropped when either side has nothing to learn, so the two stay aligned).
 
+    With ``offsets``, each example (and its ``teacher`` example) also holds ``completion_offsets``: per token, its
+    ``[start, end)`` characters in the *completion text* (the assistant contents, each followed by one
+    pseudo-character for its end of turn), ``[0, 0]`` for prompt tokens. Offsets are measured from the start of the
+    assistant content, not of the rendered conversation, because two chat templates render different prompts around
+    the same completion; the template's end-of-turn tokens (and an added EOS) cover the pseudo-character, so the two
+    tokenizers' ends of turn are aligned with each other. Fast tokenizers give the spans
+    (``return_offsets_mapping``); for slow ones they are measured by decoding growing prefixes of each piece.
+
     Raises:
         InvalidArgumentError: a bad record (naming its index and the missing or non-string key), a bad
             ``max_length``, or every record dropped (naming ``max_length``).
@@ -477,7 +581,7 @@ def render_sft(
     teacher = None
     if teacher_tokenizer is not None and not _same_tokenization(tokenizer, teacher_tokenizer):
         teacher = teacher_tokenizer
-    options = {"max_length": max_length, "mask_prompt": mask_prompt, "add_eos": add_eos}
+    options = {"max_length": max_length, "mask_prompt": mask_prompt, "add_eos": add_eos, "offsets": bool(offsets)}
     examples: list[dict[str, Any]] = []
     dropped: list[int] = []
     for index, messages in enumerate(conversations):
