@@ -15,6 +15,13 @@ run is refused, naming the field, before anything is written. The teacher is sti
 from it (``student.kind: from_teacher`` or ``shrink``), as in the engine's runs, and dropped before training.
 Evaluation then has no teacher: ``eval.json`` has perplexity and next-token accuracy, and its ``not_measured``
 entry says that agreement and KL to the teacher were not computed, and why.
+
+With ``distill.cross_tokenizer`` (``uld`` or ``align``) the teacher and the student each keep their own tokenizer (a
+student with ``kind: pretrained`` brings its own): every example carries the teacher's rendering of the same record,
+and the KD term is the ULD distance of :mod:`kdistill.lm.cross`. ``align`` needs each token's characters within the
+completion, so the records are rendered once more with ``offsets=True`` (checked to give the same ids). Without it,
+a teacher whose tokenizer differs is refused, naming both tokenizers and suggesting the option. Agreement and KL to
+the teacher compare distributions over one vocabulary, so ``eval.json`` marks them ``not_measured`` here too.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ CACHE_NOT_MEASURED = (
     "teacher_agreement and kl_to_teacher: distill.teacher_cache stood in for the teacher, which never ran, and the "
     "cache holds the training examples only"
 )
+CROSS_NOT_MEASURED = (
+    "teacher_agreement and kl_to_teacher: teacher and student have different tokenizers (distill.cross_tokenizer), "
+    "and both compare next-token distributions over one vocabulary, position by position"
+)
 
 
 def check_causal_lm_config(config: RunConfig) -> None:
@@ -45,12 +56,28 @@ def check_causal_lm_config(config: RunConfig) -> None:
         raise InvalidArgumentError("teacher.fine_tune is not available for task causal_lm; use teacher.adapter")
     if config.extra_teachers:
         raise InvalidArgumentError("extra_teachers is not available for task causal_lm (one teacher)")
-    if spec.cross_tokenizer is not None:
-        raise InvalidArgumentError(
-            f"distill.cross_tokenizer={spec.cross_tokenizer!r} is not available for task causal_lm yet; token-level "
-            "distillation of a causal LM needs the teacher's tokenizer for the student (or use black-box "
-            "distillation: kdistill generate, then SFT)"
-        )
+    if spec.cross_tokenizer is not None and config.mode == "distill":
+        method = f"distill.cross_tokenizer={spec.cross_tokenizer!r}"
+        if spec.teacher_cache is not None:
+            raise InvalidArgumentError(
+                f"distill.teacher_cache cannot be used with {method}: a cache holds the teacher's ids in its own "
+                "vocabulary and no completion offsets; run the teacher live"
+            )
+        if spec.chunked_loss:
+            raise InvalidArgumentError(
+                f"distill.chunked_loss cannot be used with {method}: the ULD distance sorts whole probability rows, "
+                "so it needs the logits; set distill.chunked_loss to false"
+            )
+        if spec.on_policy_fraction > 0:
+            raise InvalidArgumentError(
+                f"distill.on_policy_fraction={spec.on_policy_fraction} cannot be used with {method}: the student's "
+                "samples have no teacher tokenization to compare with; set it to 0"
+            )
+        if spec.kd_kwargs:
+            raise InvalidArgumentError(
+                f"distill.kd_kwargs ({', '.join(sorted(spec.kd_kwargs))}) cannot be used with {method}: the KD term "
+                "is the ULD distance, which takes no arguments and maps no vocabulary; remove them"
+            )
     if spec.teacher_cache is not None and config.mode == "distill":
         if spec.on_policy_fraction > 0:
             raise InvalidArgumentError(
@@ -124,6 +151,7 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         on_policy_temperature=spec.on_policy_temperature,
         teacher_cache=spec.teacher_cache if config.mode == "distill" else None,
         cache_leftover=spec.cache_leftover,
+        cross_tokenizer=spec.cross_tokenizer if config.mode == "distill" else None,
     )
 
 
@@ -151,13 +179,16 @@ def lora_config(config: RunConfig) -> Any:
     )
 
 
-def evaluate_causal_lm(parts: Any, model: Any, split: str, batch_size: int) -> dict[str, float]:
-    """Perplexity, next-token accuracy and, when the run has a teacher, agreement and KL to it, on ``split``."""
+def evaluate_causal_lm(
+    parts: Any, model: Any, split: str, batch_size: int, *, with_teacher: bool = True
+) -> dict[str, float]:
+    """Perplexity, next-token accuracy and, when the run has a teacher (and ``with_teacher``), agreement and KL to it,
+    on ``split``."""
     from kdistill.tasks import make_batches
     from kdistill.tasks.causal_lm import evaluate_lm
 
     batches = make_batches(parts.eval_examples[split], parts.collate, batch_size)
-    return evaluate_lm(model, batches, teacher=parts.teacher)
+    return evaluate_lm(model, batches, teacher=parts.teacher if with_teacher else None)
 
 
 def causal_lm_parts(config: RunConfig) -> Any:
@@ -217,6 +248,92 @@ def check_teacher_cache(config: RunConfig, parts: Any) -> Any:
     return reader
 
 
+def check_tokenizers(config: RunConfig, parts: Any) -> bool:
+    """Whether the run distils across tokenizers; refuses what cannot work, naming both tokenizers.
+
+    A teacher with another tokenizer needs ``distill.cross_tokenizer``; the option with one shared tokenizer is
+    refused too (it would compare sorted probabilities where the ids themselves can be compared), as is data without
+    the teacher's rendering (packed plain text is tokenized by the student's tokenizer alone).
+    """
+    from kdistill.tasks.base import tokenizers_differ
+    from kdistill.tasks.causal_lm import _tokenizer_name
+
+    if config.mode != "distill" or parts.teacher is None or config.distill.teacher_cache is not None:
+        return False  # a cache is checked by check_teacher_cache (one tokenizer; cross_tokenizer refused before)
+    method = config.distill.cross_tokenizer
+    differ = tokenizers_differ(parts.student_tokenizer, parts.teacher_tokenizer)
+    names = (
+        f"the student's ({_tokenizer_name(parts.student_tokenizer)}) and the teacher's "
+        f"({_tokenizer_name(parts.teacher_tokenizer)})"
+    )
+    if differ and method is None:
+        raise VocabMismatchError(
+            f"token-level distillation of a causal LM needs one tokenizer, but {names} differ; set "
+            "distill.cross_tokenizer to 'uld' or 'align' to distil across tokenizers, use a student with the "
+            "teacher's tokenizer, or black-box distillation (kdistill generate)"
+        )
+    if method is None:
+        return False
+    if not differ:
+        raise InvalidArgumentError(
+            f"distill.cross_tokenizer={method!r} is set but student and teacher share one tokenizer "
+            f"({_tokenizer_name(parts.teacher_tokenizer)}); remove it: the usual divergences compare the ids directly"
+        )
+    if any("teacher" not in example for example in parts.train_examples[:1]):
+        raise InvalidArgumentError(
+            f"distill.cross_tokenizer={method!r} needs the teacher's own rendering of every example, which SFT "
+            "records get (messages, instruction/output, prompt/completion) but packed plain text (data.format: "
+            "text) does not"
+        )
+    return True
+
+
+def with_completion_offsets(parts: Any) -> None:
+    """Replace the run's examples by the same rendering with ``completion_offsets`` on both sides (for ``align``).
+
+    The task renders without offsets; the records are rendered again with ``offsets=True`` and the ids must be the
+    same, example by example (they come from the same function with the same options).
+    """
+    import warnings
+
+    from kdistill.lm.data import render_sft
+
+    task, config = parts.task, parts.config
+    for split in ("train", *parts.eval_examples):
+        examples = parts.train_examples if split == "train" else parts.eval_examples[split]
+        with warnings.catch_warnings():  # dropped records were reported by the first rendering
+            warnings.simplefilter("ignore", UserWarning)
+            rendered = render_sft(
+                [dict(row) for row in parts.splits[split]],
+                parts.student_tokenizer,
+                max_length=config.data.max_length,
+                teacher_tokenizer=parts.teacher_tokenizer,
+                system_prompt=task.system_prompt,
+                mask_prompt=task.mask_prompt,
+                offsets=True,
+            )
+        same = len(rendered) == len(examples) and all(
+            new["input_ids"] == old["input_ids"] and new["teacher"]["input_ids"] == old["teacher"]["input_ids"]
+            for new, old in zip(rendered, examples, strict=True)
+        )
+        if not same:
+            raise KdistillError(
+                f"the {split} examples rendered with completion offsets differ from the task's rendering; this is "
+                "a bug in kdistill"
+            )
+        if split == "train":
+            parts.train_examples = rendered
+        else:
+            parts.eval_examples[split] = rendered
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 def run_causal_lm(config: RunConfig) -> Any:
     """Carry out one causal-LM run (see the module docstring for what it writes)."""
     from kdistill.integrations.hf import DistillationTrainer
@@ -230,7 +347,13 @@ def run_causal_lm(config: RunConfig) -> Any:
     teacher = None
     train_examples = parts.train_examples
     cached = config.mode == "distill" and config.distill.teacher_cache is not None
-    if cached:  # the cache stands in for the teacher: checked against the run before anything is written
+    cross = check_tokenizers(config, parts)
+    if cross:  # the teacher keeps its own tokenizer: no adaptation to the student's
+        if config.distill.cross_tokenizer == "align":
+            with_completion_offsets(parts)
+        teacher = parts.teacher
+        train_examples = parts.train_examples
+    elif cached:  # the cache stands in for the teacher: checked against the run before anything is written
         from kdistill.cache.batches import with_cache_index
 
         check_teacher_cache(config, parts)
@@ -242,7 +365,11 @@ def run_causal_lm(config: RunConfig) -> Any:
         )
     from kdistill.lm.data import SFTCollator
 
-    collator = SFTCollator(pad_token_id=tokenizer.pad_token_id, with_prompts=config.distill.on_policy_fraction > 0)
+    collator = SFTCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        with_prompts=config.distill.on_policy_fraction > 0,
+        teacher_pad_token_id=_pad_id(parts.teacher_tokenizer) if cross else None,
+    )
     args = distillation_arguments(config, out)
     trainer = DistillationTrainer(
         model=parts.student,
@@ -269,10 +396,14 @@ def run_causal_lm(config: RunConfig) -> Any:
         metrics: dict[str, float] = {}
         for split in ("validation", "test"):
             if parts.has_split(split):
-                scores = evaluate_causal_lm(parts, model, split, config.training.eval_batch_size)
+                scores = evaluate_causal_lm(
+                    parts, model, split, config.training.eval_batch_size, with_teacher=not cross
+                )
                 metrics.update({f"{split}/{key}": value for key, value in scores.items()})
         written: dict[str, Any] = dict(metrics)
         if cached:
             written["not_measured"] = CACHE_NOT_MEASURED
+        elif cross:
+            written["not_measured"] = CROSS_NOT_MEASURED
         write_json_atomically(out / "eval.json", written)
     return RunResult(out, student_dir, metrics, record["seconds"])
