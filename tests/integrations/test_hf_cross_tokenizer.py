@@ -120,3 +120,29 @@ def test_align_needs_offsets_and_the_teachers_tokenization(tmp_path: Path) -> No
     del batch["teacher"]
     with pytest.raises(InvalidArgumentError, match="needs the teacher's own tokenization in 'teacher'"):
         trainer.compute_loss(student, batch)
+
+
+@pytest.mark.parametrize("method", ["uld", "align"])
+def test_accumulation_two_by_two_updates_like_one_batch_of_four(tmp_path: Path, method: str) -> None:
+    """The KD sum is divided by the step's count of student tokens, so rows of different lengths weigh alike
+    however the step is cut into micro-batches (a per-micro-batch mean would not)."""
+    replies = ["hi", "good you", "i like you", "yes no thanks how what name love"]  # every split unequal
+    rows = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r}]} for r in replies]
+    train = render_sft(rows, make_tiny_chat_tokenizer(), teacher_tokenizer=make_bpe_chat_tokenizer(), offsets=True)
+    counts = [sum(label != -100 for label in example["labels"][1:]) for example in train]
+    assert len(set(counts)) == 4 and all(a + b != sum(counts) - a - b for a in counts for b in counts if a != b)
+    weights = []
+    for size, accumulation in ((4, 1), (2, 2)):
+        student = make_student().double()
+        trainer = trainer_for(
+            tmp_path / f"{size}", student, make_teacher().double(), method, per_device_train_batch_size=size,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+            max_grad_norm=0.0, ce_weight=0.5, seed=0,
+        )  # fmt: skip
+        trainer.train_dataset = train
+        trainer.data_collator = SFTCollator(pad_token_id=0, teacher_pad_token_id=0)
+        trainer.train()
+        weights.append(torch.cat([p.detach().reshape(-1) for p in student.parameters()]))
+    start = torch.cat([p.detach().reshape(-1) for p in make_student().double().parameters()])
+    assert not torch.allclose(weights[0], start)
+    torch.testing.assert_close(weights[1], weights[0], rtol=1e-9, atol=1e-11)
