@@ -258,8 +258,9 @@ class DistillationTrainer(transformers.Trainer):
 
     Batches carry ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on prompt and padding), optionally
     ``prompt_input_ids``/``prompt_attention_mask`` (left-padded prompts, needed for on-policy steps) and ``teacher``
-    (the teacher's own ``input_ids``/``attention_mask`` over the same positions) or ``teacher_topk`` (the teacher's
-    cached top-k outputs, see :func:`kdistill.lm.loss.cached_lm_loss_sums`).
+    (the teacher's own ``input_ids``/``attention_mask`` over the same positions; with ``args.cross_tokenizer``, the
+    teacher's own tokenization of the same records, with its ``labels`` and, for ``"align"``, ``completion_offsets``)
+    or ``teacher_topk`` (the teacher's cached top-k outputs, see :func:`kdistill.lm.loss.cached_lm_loss_sums`).
 
     Attributes:
         teacher: the frozen teacher model (None for SFT without a teacher).
@@ -269,8 +270,9 @@ class DistillationTrainer(transformers.Trainer):
     Raises:
         InvalidArgumentError: ``args`` that are not :class:`DistillationArguments`, a missing teacher, a student that
             is already a ``PeftModel`` together with ``peft_config``, or a model the chunked loss cannot handle.
-        VocabMismatchError: differing student and teacher vocabularies with ``vocab_policy="error"`` (before
-            training starts; the message names both sizes).
+        VocabMismatchError: differing student and teacher vocabularies with ``vocab_policy="error"`` and no
+            ``cross_tokenizer`` (before training starts; the message names both sizes and suggests
+            ``cross_tokenizer``), or a batch whose teacher tokenization differs from the student's without it.
         CacheMismatchError: a teacher cache written at another temperature (the message names the field).
     """
 
@@ -336,7 +338,9 @@ class DistillationTrainer(transformers.Trainer):
         In training ``N`` is ``num_items_in_batch`` as :meth:`get_batch_samples` counts it: the counted next-token
         positions of every micro-batch of the optimizer step, summed over processes (the loss is then multiplied by
         the number of processes, since DDP averages gradients). In evaluation (or when ``num_items_in_batch`` is
-        None) ``N`` is this batch's own count, so the loss is the batch's mean per counted token.
+        None) ``N`` is this batch's own count, so the loss is the batch's mean per counted token. With
+        ``cross_tokenizer`` the KD sum is the ULD distance summed over paired positions or aligned groups
+        (:func:`kdistill.lm.cross.cross_tokenizer_loss_sums`) and ``N`` is still the student's count.
         """
         args: DistillationArguments = self.args  # type: ignore[assignment]
         if "teacher_topk" in inputs:  # the teacher's outputs read from a cache: the teacher does not run
