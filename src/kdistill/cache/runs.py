@@ -41,9 +41,16 @@ def cached_feature_specs(objective: Any) -> list[str]:
     return specs
 
 
-def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, list[dict[str, Any]], Any]:
-    """``(distiller, training examples, collate)`` for a run reading ``config.distill.teacher_cache``."""
-    from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
+def open_run_cache(config: Any, parts: Any, *, features: list[str] | tuple[str, ...] = ()) -> Any:
+    """The :class:`~kdistill.cache.CacheReader` of ``config.distill.teacher_cache``, checked against the run.
+
+    The manifest the run would write (its teacher, teacher tokenizer, training examples in order, temperature and
+    the teacher ``features`` its matches need, with the format and kdistill versions) must equal the cache's, field
+    for field; ``k``, the dtype, the vocabulary size, the shard size and the heads are the cache's own choices. A
+    difference raises :class:`~kdistill.cache.CacheMismatchError` naming the field, and a cache with missing shards
+    :class:`~kdistill.cache.CacheIncompleteError`, before anything of the run is written. The engine's cached runs
+    and the causal-LM runs (the Trainer path) both check their cache here.
+    """
     from kdistill.cache.store import (
         CacheIncompleteError,
         CacheReader,
@@ -51,6 +58,35 @@ def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, 
         dataset_fingerprint,
         tokenizer_hash,
     )
+
+    spec = config.distill
+    reader = CacheReader(spec.teacher_cache)
+    if not reader.is_complete():
+        raise CacheIncompleteError(
+            f"distill.teacher_cache: the cache at {spec.teacher_cache} is missing shards; rerun kdistill cache"
+        )
+    found = reader.manifest
+    expected = build_manifest(
+        teacher=config.teacher.path if config.teacher is not None else found["teacher"],
+        teacher_revision=found["teacher_revision"],
+        tokenizer_hash=tokenizer_hash(parts.teacher_tokenizer) if parts.teacher_tokenizer else found["tokenizer_hash"],
+        dataset_fingerprint=dataset_fingerprint(parts.train_examples),
+        k=int(found["k"]),
+        dtype=found["dtype"],
+        temperature=float(spec.temperature),
+        num_examples=len(parts.train_examples),
+        vocab_size=int(found["vocab_size"]),
+        shard_size=int(found["shard_size"]),
+        num_heads=int(found["num_heads"]),
+        features=list(features),
+    )
+    reader.check_against(expected)
+    return reader
+
+
+def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+    """``(distiller, training examples, collate)`` for a run reading ``config.distill.teacher_cache``."""
+    from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
     from kdistill.distillers import Distiller
     from kdistill.distillers.views import SequenceView, TokenView
     from kdistill.tasks.causal_lm import CausalLMView
@@ -70,27 +106,7 @@ def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, 
     view = parts.task.view
     if not isinstance(view, (SequenceView, TokenView, CausalLMView)):
         raise InvalidArgumentError(f"distill.teacher_cache is not available for the {parts.task.name!r} task")
-    reader = CacheReader(spec.teacher_cache)
-    if not reader.is_complete():
-        raise CacheIncompleteError(
-            f"distill.teacher_cache: the cache at {spec.teacher_cache} is missing shards; rerun kdistill cache"
-        )
-    found = reader.manifest
-    expected = build_manifest(
-        teacher=config.teacher.path if config.teacher is not None else found["teacher"],
-        teacher_revision=found["teacher_revision"],
-        tokenizer_hash=tokenizer_hash(parts.teacher_tokenizer) if parts.teacher_tokenizer else found["tokenizer_hash"],
-        dataset_fingerprint=dataset_fingerprint(parts.train_examples),
-        k=int(found["k"]),
-        dtype=found["dtype"],
-        temperature=float(spec.temperature),
-        num_examples=len(parts.train_examples),
-        vocab_size=int(found["vocab_size"]),
-        shard_size=int(found["shard_size"]),
-        num_heads=int(found["num_heads"]),
-        features=specs,
-    )
-    reader.check_against(expected)
+    reader = open_run_cache(config, parts, features=specs)
     collate = CachedTeacherCollate(
         parts.collate,
         reader,

@@ -1,4 +1,5 @@
-"""Causal-LM distillation: the next-token shift, the token-level loss (plain and chunked), SFT data, generation.
+"""Causal-LM distillation: the next-token shift, the token-level loss (plain, chunked, from a teacher cache, across
+tokenizers), SFT data, generation.
 
 Submodules import torch and transformers; this package itself does not, so ``kdistill --help`` stays fast:
 the names below are imported on first use.
@@ -19,6 +20,8 @@ _EXPORTS = {
     "chatterbot_dialogs": "kdistill.lm.data",
     "load_sft_records": "kdistill.lm.data",
     "causal_lm_loss_sums": "kdistill.lm.loss",
+    "cached_lm_loss_sums": "kdistill.lm.loss",
+    "cross_tokenizer_loss_sums": "kdistill.lm.cross",
     "generate_dataset": "kdistill.lm.generate",
 }
 

@@ -207,17 +207,15 @@ def causal_lm_parts(config: RunConfig) -> Any:
 def check_teacher_cache(config: RunConfig, parts: Any) -> Any:
     """The run's :class:`~kdistill.cache.CacheReader`, after checking that the cache was written for this run.
 
-    The fields the run decides are compared with the manifest, as the engine's cached runs do: the teacher (its
-    path as the run names it), the teacher tokenizer's hash, the fingerprint of the training examples (in order:
-    the cache is addressed by example index), their number and the temperature. A difference raises
-    :class:`~kdistill.cache.CacheMismatchError` naming the field. Student and teacher must also share a tokenizer:
-    the cached ids are the teacher's, and the student reads them as its own.
+    The manifest is compared with the run field by field, as for the engine's cached runs
+    (:func:`kdistill.cache.runs.open_run_cache`: teacher, teacher tokenizer, training examples in order,
+    temperature, versions); a difference raises :class:`~kdistill.cache.CacheMismatchError` naming the field.
+    Student and teacher must also share a tokenizer: the cached ids are the teacher's, and the student reads them as
+    its own.
     """
-    from kdistill.cache import CacheIncompleteError, CacheMismatchError, CacheReader, dataset_fingerprint
-    from kdistill.cache import tokenizer_hash as hash_of
+    from kdistill.cache.runs import open_run_cache
     from kdistill.tasks.base import tokenizers_differ
 
-    spec = config.distill
     if tokenizers_differ(parts.student_tokenizer, parts.teacher_tokenizer):
         from kdistill.tasks.causal_lm import _tokenizer_name
 
@@ -226,26 +224,7 @@ def check_teacher_cache(config: RunConfig, parts: Any) -> Any:
             f"distill.teacher_cache holds token ids of the teacher's tokenizer ({teacher_name}) but the student's "
             f"({student_name}) differs; a cache needs one tokenizer"
         )
-    reader = CacheReader(spec.teacher_cache)
-    if not reader.is_complete():
-        raise CacheIncompleteError(
-            f"distill.teacher_cache: the cache at {spec.teacher_cache} is missing shards; rerun kdistill cache"
-        )
-    found = reader.manifest
-    expected: dict[str, Any] = {
-        "teacher": config.teacher.path if config.teacher is not None else found["teacher"],
-        "tokenizer_hash": hash_of(parts.teacher_tokenizer) if parts.teacher_tokenizer else found["tokenizer_hash"],
-        "dataset_fingerprint": dataset_fingerprint(parts.train_examples),
-        "temperature": float(spec.temperature),
-        "num_examples": len(parts.train_examples),
-        "num_heads": 1,
-    }
-    for field, value in expected.items():
-        if found.get(field) != value:
-            raise CacheMismatchError(
-                f"cache manifest field {field!r} is {found.get(field)!r} but the run has {value!r}"
-            )
-    return reader
+    return open_run_cache(config, parts)
 
 
 def check_tokenizers(config: RunConfig, parts: Any) -> bool:

@@ -134,12 +134,13 @@ class CausalLMTask:
         )
 
     def adapt_teacher(self, teacher: nn.Module, *, tokenizer: Any, teacher_tokenizer: Any = None) -> nn.Module:
-        """The teacher itself: token-level distillation needs one tokenization for both models."""
+        """The teacher itself: per-id distillation needs one tokenization for both models (see the error)."""
         if tokenizers_differ(tokenizer, teacher_tokenizer):
             raise VocabMismatchError(
                 f"token-level distillation of a causal LM needs one tokenizer, but the student's "
                 f"({_tokenizer_name(tokenizer)}) and the teacher's ({_tokenizer_name(teacher_tokenizer)}) differ; "
-                "use a student with the teacher's tokenizer, or black-box distillation (kdistill generate)"
+                "choose a method with distill.cross_tokenizer (uld or align), use a student with the teacher's "
+                "tokenizer, or black-box distillation (kdistill generate)"
             )
         return teacher
 
