@@ -71,7 +71,7 @@ def _cache_cli(config_path: Path, out: Path, *extra: str) -> float:
 
 def _demo_config(train: int, teacher_cache: str | None = None) -> Any:
     from kdistill.config import load_config
-    from kdistill.demo import DEMO_YAML, STUDENTS, _merge
+    from kdistill.runs.demo import DEMO_YAML, STUDENTS, _merge
 
     data = _merge(yaml.safe_load(DEMO_YAML), STUDENTS["student-2l-distilled"])
     data["teacher"]["fine_tune"] = False  # speed does not depend on the weights' values; see the docstring
@@ -86,13 +86,13 @@ def _demo_config(train: int, teacher_cache: str | None = None) -> Any:
 def _epoch_seconds(config: Any) -> float:
     """Wall time of one training epoch (``train`` only: parts are built and the distiller set up before)."""
     from kdistill.distillers import Distiller
-    from kdistill.runparts import build_objective, build_parts, make_training_config
+    from kdistill.runs.parts import build_objective, build_parts, make_training_config
     from kdistill.training import train
 
     parts = build_parts(config)
     examples, collate = parts.train_examples, parts.collate
     if config.distill.teacher_cache:
-        from kdistill.cache.runs import cached_teacher_parts
+        from kdistill.runs.cache_checks import cached_teacher_parts
 
         distiller, examples, collate = cached_teacher_parts(config, parts, build_objective(config, parts))
         parts.teacher = None

@@ -1,9 +1,9 @@
 """Benchmark: one causal-LM distillation step, plain logits against the chunked loss, at SmolLM2's vocabulary.
 
 Run ``cd bench && python llm_memory.py``. The step is what ``DistillationTrainer`` does per micro-batch: the student's
-forward with grad, the teacher's under ``no_grad``, :func:`kdistill.lm.loss.causal_lm_loss_sums` and ``backward()``.
-Models are tiny-depth Llamas built from configs (hidden 256, V = 49152), so the LM head and the loss dominate as they
-do in LLM distillation, and the step fits a laptop.
+forward with grad, the teacher's under ``no_grad``, :func:`kdistill.distillers.lm_loss.causal_lm_loss_sums` and
+``backward()``. Models are tiny-depth Llamas built from configs (hidden 256, V = 49152), so the LM head and the loss
+dominate as they do in LLM distillation, and the step fits a laptop.
 
 Method (as ``bench/losses.py``): each case runs in a fresh process; peak memory is the peak RSS (``ru_maxrss``) minus
 the RSS once the models and the batch exist; time is the median wall time of a few steps after one warm-up; a case
@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from _results import machine_line, write_section
-from kdistill.lm.loss import causal_lm_loss_sums
+from kdistill.distillers.lm_loss import causal_lm_loss_sums
 from losses import (
     ATTEMPTS,
     NOISY_SHARE,

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from kdistill.cli import main
-from kdistill.demo import run_demo
 from kdistill.losses import LOSSES
+from kdistill.runs.demo import run_demo
 
 
 def test_losses_command_lists_every_divergence(capsys):

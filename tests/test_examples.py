@@ -27,7 +27,7 @@ def test_there_are_examples_for_each_kind_of_run():
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.stem)
 def test_example_grid_validates(path):
-    from kdistill.experiment import load_grid
+    from kdistill.runs.experiment import load_grid
 
     grid = load_grid(path)
     assert len(grid.variants) >= 2 and all(v.config.task == grid.variants[0].config.task for v in grid.variants)

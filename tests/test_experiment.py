@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "cli"))
 from cli_support import save_tiny_bert, sentiment_rows, write_csv, write_yaml
 
 from kdistill.config import ConfigError, dump_config
-from kdistill.experiment import (
+from kdistill.runs.experiment import (
     add_experiment_parser,
     cmd_experiment,
     count_saved_parameters,
@@ -24,7 +24,7 @@ from kdistill.experiment import (
     run_grid,
     write_comparison,
 )
-from kdistill.run import run_status
+from kdistill.runs.run import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -72,7 +72,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _model_parameters(directory: Path) -> int:
-    from kdistill.runparts import load_any_model
+    from kdistill.runs.parts import load_any_model
 
     model = load_any_model(str(directory))
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

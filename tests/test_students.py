@@ -12,7 +12,7 @@ from conftest import make_batch, make_causal_batch, make_tiny_bert, make_tiny_ll
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import InvalidArgumentError, UnknownNameError
 from kdistill.features import FeatureTap, resolve_feature
-from kdistill.students import (
+from kdistill.models.students import (
     BiRNNClassifier,
     BiRNNConfig,
     build_student,

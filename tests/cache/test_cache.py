@@ -29,7 +29,7 @@ from kdistill.cache import (
     tokenizer_hash,
     write_cache,
 )
-from kdistill.distillers.views import SequenceView
+from kdistill.core.views import SequenceView
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.tasks.causal_lm import CausalLMView
 

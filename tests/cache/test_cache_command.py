@@ -17,7 +17,7 @@ from test_run import write_model, write_records
 from kdistill.cache import CacheReader
 from kdistill.cli import main
 from kdistill.config import load_config
-from kdistill.runparts import build_parts
+from kdistill.runs.parts import build_parts
 from kdistill.tasks.base import predict_logits
 
 
@@ -123,7 +123,7 @@ def live_and_cached_runs(config: dict, tmp_path: Path) -> tuple[Path, dict[str, 
     alike (metrics and student weights); returns the run's YAML path and the live student's weights."""
     from safetensors.torch import load_file
 
-    from kdistill.run import run
+    from kdistill.runs.run import run
 
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -165,7 +165,7 @@ def test_a_run_refuses_a_cache_written_for_other_settings(tmp_path: Path, capsys
 def test_a_run_with_hidden_state_matches_from_a_cache_ends_like_the_live_run(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from kdistill.run import run
+    from kdistill.runs.run import run
 
     config = classification_run(tmp_path)
     config["distill"].update({"layer_map": "uniform", "layer_map_projection": "linear", "layer_map_weight": 2.0})

@@ -16,11 +16,11 @@ from test_cache import NUM_LABELS, VOCAB, causal_examples, manifest_for, pad_col
 from conftest import make_tiny_bert, make_tiny_llama
 from kdistill.cache import CacheMismatchError, CacheReader, cache_bytes, write_cache
 from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
-from kdistill.cache.runs import cached_feature_specs
+from kdistill.core.views import SequenceView
 from kdistill.distillers import Distiller, Match, Objective, expand_layer_map
-from kdistill.distillers.views import SequenceView
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.features import extract_features
+from kdistill.runs.cache_checks import cached_feature_specs
 from kdistill.tasks.causal_lm import CausalLMView
 
 

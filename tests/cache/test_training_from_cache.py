@@ -13,8 +13,8 @@ from test_cache import NUM_LABELS, VOCAB, causal_examples, manifest_for, pad_col
 from conftest import make_tiny_bert, make_tiny_llama
 from kdistill.cache import CacheReader, write_cache
 from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
+from kdistill.core.views import SequenceView
 from kdistill.distillers import Distiller, Objective
-from kdistill.distillers.views import SequenceView
 from kdistill.tasks.causal_lm import CausalLMView
 from kdistill.training import TrainConfig, train
 

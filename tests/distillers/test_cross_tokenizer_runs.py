@@ -27,7 +27,7 @@ from kdistill.config import load_config
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.distillers import CrossTokenizerDistiller, Distiller, Match, Objective
 from kdistill.errors import InvalidArgumentError, KdistillError
-from kdistill.students import build_student
+from kdistill.models.students import build_student
 from kdistill.tasks import TokenClassificationTask
 
 TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
@@ -195,7 +195,7 @@ def _kd_per_unit(distiller: Distiller, batch: dict) -> float:
 
 def _before_and_after(config_path: Path, make_distiller) -> tuple[float, float, dict]:
     """The KD loss per unit on the first 16 training examples: the run's fresh student, then the saved one."""
-    from kdistill.runparts import build_parts, load_any_model
+    from kdistill.runs.parts import build_parts, load_any_model
 
     config = load_config(config_path)
     parts = build_parts(config)  # the student the run started from (same seed)
@@ -251,7 +251,7 @@ training:
 
 def test_classification_run_with_a_word_level_student_reduces_its_loss_to_the_teacher(tmp_path) -> None:
     from kdistill.cli import main
-    from kdistill.run import run
+    from kdistill.runs.run import run
 
     teacher = _save_teacher(tmp_path / "teacher", "sequence", 2)
     train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=1))

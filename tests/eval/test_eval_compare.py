@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import make_batch, make_causal_batch, make_tiny_bert, make_tiny_llama, make_tiny_lstm
-from kdistill.distillers.views import SequenceView, TokenView
+from kdistill.core.views import SequenceView, TokenView
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval import accuracy, count_parameters
 from kdistill.eval.compare import (

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from kdistill.core.shift import counted_next_tokens
 from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
-from kdistill.lm.shift import counted_next_tokens
 
 SEQ = 10
 VOCAB = 128

@@ -1,7 +1,7 @@
 """DistillationTrainer on tiny Llama and Qwen: the logged loss, exact accumulation, policies, PEFT, resume, saving.
 
-References are recomputed here with :func:`kdistill.lm.loss.causal_lm_loss_sums` on the same batches (whose own values
-are checked against float64 in tests/lm/test_loss.py), or read back from what the trainer wrote to disk.
+References are recomputed here with :func:`kdistill.distillers.lm_loss.causal_lm_loss_sums` on the same batches (whose
+own values are checked against float64 in tests/lm/test_loss.py), or read back from what the trainer wrote to disk.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama, make_tiny_qwen
+from kdistill.distillers.lm_loss import causal_lm_loss_sums
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
 from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
-from kdistill.lm.loss import causal_lm_loss_sums
 
 SEQ = 10
 FAMILIES = {"llama": make_tiny_llama, "qwen": make_tiny_qwen}

@@ -23,10 +23,10 @@ from test_cross_tokenizer_loss import (
 )
 
 from conftest import LLAMA_VOCAB, make_tiny_chat_tokenizer
+from kdistill.data.sft import SFTCollator, render_sft
+from kdistill.distillers.lm_cross import cross_tokenizer_loss_sums
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
 from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
-from kdistill.lm.cross import cross_tokenizer_loss_sums
-from kdistill.lm.data import SFTCollator, render_sft
 
 
 def records(n: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The causal-LM KD term from cached top-k teacher outputs (:func:`kdistill.lm.loss.cached_lm_loss_sums`).
+"""The causal-LM KD term from cached top-k teacher outputs (:func:`kdistill.distillers.lm_loss.cached_lm_loss_sums`).
 
 ``teacher_topk`` is built here as :class:`kdistill.cache.CachedTeacherCollate` documents it, from the teacher's own
 logits, so these tests check the loss and not the cache's storage: a ``k = V`` cache gives the live teacher's KD
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from conftest import LLAMA_VOCAB, make_causal_batch, make_tiny_llama
+from kdistill.core.shift import counted_next_tokens, next_token_labels
+from kdistill.distillers.lm_loss import cached_lm_loss_sums, causal_lm_loss_sums
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
-from kdistill.lm.loss import cached_lm_loss_sums, causal_lm_loss_sums
-from kdistill.lm.shift import counted_next_tokens, next_token_labels
 
 TEMPERATURE = 2.0
 

@@ -1,4 +1,4 @@
-"""Causal-LM distillation across tokenizers (kdistill.lm.cross through DistillationTrainer.compute_loss).
+"""Causal-LM distillation across tokenizers (kdistill.distillers.lm_cross through DistillationTrainer.compute_loss).
 
 The student has the word-level chat tokenizer of conftest (128 ids, ChatML-like template); the teacher a BPE tokenizer
 trained here on the same words (60 ids, pieces such as ``t ha n ks``) with another chat template. The KD terms are
@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
+from kdistill.data.sft import SFTCollator, _encode_with_spans, render_sft
 from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
-from kdistill.lm.data import SFTCollator, _encode_with_spans, render_sft
 
 WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "i", "like", "love", "you", "what", "how", "name"]
 TEACHER_VOCAB = 60

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
+from kdistill.data import sft as lm_data
 from kdistill.data.loading import DataError
 from kdistill.data.packaged import MissingPackageError
+from kdistill.data.sft import SFTCollator, chatterbot_dialogs, load_sft_records, pack_texts, render_sft
 from kdistill.errors import InvalidArgumentError, KdistillError, UnknownNameError
-from kdistill.lm import data as lm_data
-from kdistill.lm.data import SFTCollator, chatterbot_dialogs, load_sft_records, pack_texts, render_sft
 
 ALPACA = {"instruction": "say hello", "input": "to me", "output": "Hello you"}
 CHAT = {

@@ -1,4 +1,4 @@
-"""Black-box distillation data: the teacher completes prompts into a resumable jsonl (kdistill.lm.generate)."""
+"""Black-box distillation data: the teacher completes prompts into a resumable jsonl (kdistill.generation)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
 from kdistill.errors import InvalidArgumentError, KdistillError
-from kdistill.lm.generate import (
+from kdistill.generation import (
     GenerationParams,
     HFTeacher,
     OpenAITeacher,
@@ -179,7 +179,7 @@ def test_hf_generation_writes_each_prompt_once(teacher_dir: Path, prompts_file: 
 
 def test_output_is_sft_data_for_the_student(teacher_dir: Path, prompts_file: Path, tmp_path: Path) -> None:
     """``render_sft`` takes the records as they are and learns exactly the teacher's completions."""
-    from kdistill.lm.data import render_sft
+    from kdistill.data.sft import render_sft
 
     out = tmp_path / "out.jsonl"
     generate_dataset(prompts_file, out, HFTeacher(str(teacher_dir)), GREEDY, batch_size=6, progress=None)
@@ -275,7 +275,7 @@ def test_missing_teacher_is_a_kdistill_error(tmp_path: Path, prompts_file: Path)
 # ---------------------------------------------------------------------------------------------------- resumption
 KILLED_RUN = """
 import os, sys
-from kdistill.lm.generate import GenerationParams, HFTeacher, generate_dataset
+from kdistill.generation import GenerationParams, HFTeacher, generate_dataset
 batches = []
 def progress(done, total):
     batches.append(done)

@@ -18,8 +18,8 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_causal_batch, make_tiny_llama, make_tiny_qwen
+from kdistill.distillers.lm_loss import LMHead, causal_lm_loss_sums, final_hidden_states, lm_head_of
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.lm.loss import LMHead, causal_lm_loss_sums, final_hidden_states, lm_head_of
 
 DIVERGENCE_CASES: list[tuple[str, dict[str, float]]] = [
     ("forward_kl", {}),

@@ -15,9 +15,9 @@ from conftest import make_tiny_chat_tokenizer, make_tiny_llama
 from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.errors import InvalidArgumentError
-from kdistill.lm.run import check_causal_lm_config
-from kdistill.run import run
-from kdistill.students import from_teacher
+from kdistill.models.students import from_teacher
+from kdistill.runs.causal_lm import check_causal_lm_config
+from kdistill.runs.run import run
 
 WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "i", "like", "love", "you", "what", "how", "name"]
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_tiny_chat_tokenizer
 from kdistill.cli import main
-from kdistill.lm.run import CROSS_NOT_MEASURED
+from kdistill.runs.causal_lm import CROSS_NOT_MEASURED
 
 
 def _teacher_with_its_own_tokenizer(directory: Path) -> Path:

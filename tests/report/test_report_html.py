@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_batch, make_tiny_bert, make_tiny_lstm
-from kdistill.distillers.views import SequenceView
+from kdistill.core.views import SequenceView
 from kdistill.errors import KdistillError
 from kdistill.eval import accuracy
 from kdistill.eval.compare import ModelEntry, compare_models, write_compare

@@ -10,7 +10,7 @@ from task_support import confident, minilm_tokenizer, tiny_bert
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.distillers import Distiller, Objective
 from kdistill.errors import InvalidArgumentError
-from kdistill.students import build_student
+from kdistill.models.students import build_student
 from kdistill.tasks import (
     TASKS,
     QuestionAnsweringTask,

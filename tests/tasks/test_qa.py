@@ -9,7 +9,7 @@ from task_support import minilm_tokenizer, tiny_bert
 
 from kdistill.distillers import Distiller, Objective
 from kdistill.errors import InvalidArgumentError
-from kdistill.students import from_teacher
+from kdistill.models.students import from_teacher
 from kdistill.tasks import QuestionAnsweringTask, make_batches
 from kdistill.tasks.qa import answer_positions, best_span
 

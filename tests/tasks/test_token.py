@@ -13,7 +13,7 @@ from task_support import confident, minilm_tokenizer, tiny_bert
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.distillers import Distiller, Objective
 from kdistill.errors import InvalidArgumentError, KdistillError
-from kdistill.students import build_student
+from kdistill.models.students import build_student
 from kdistill.tasks import TokenClassificationTask, align_labels, make_batches, read_conll
 
 TAGS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")

@@ -300,8 +300,8 @@ def _collate_and_run(
     The features are captured with the same hooks (:class:`~kdistill.features.FeatureTap`, ``"hidden"`` kind) a
     live :class:`~kdistill.distillers.Distiller` uses on its teacher, so a cached feature is the live one.
     """
-    from kdistill.distillers.core import model_inputs
-    from kdistill.distillers.views import teacher_inputs
+    from kdistill.core.batch import model_inputs
+    from kdistill.core.views import teacher_inputs
     from kdistill.features import FeatureTap
 
     batch = collate(chunk)
@@ -327,7 +327,7 @@ def attended_positions(batch: Mapping[str, Any], length: int) -> torch.Tensor:
     Without an attention mask every position counts. Shared by the writer and
     :class:`~kdistill.cache.CachedTeacherCollate`, so both agree on which rows a feature has.
     """
-    from kdistill.distillers.views import attention_mask_of, teacher_inputs
+    from kdistill.core.views import attention_mask_of, teacher_inputs
 
     inputs = teacher_inputs(batch)
     mask = attention_mask_of(inputs)

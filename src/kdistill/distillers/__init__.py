@@ -1,5 +1,6 @@
 """Distillers and the objective they optimize."""
 
+from kdistill.core.views import SequenceView, TokenView, infer_view
 from kdistill.distillers.core import (
     Distiller,
     MultiTeacherDistiller,
@@ -12,7 +13,6 @@ from kdistill.distillers.core import (
 from kdistill.distillers.cross import CrossTokenizerDistiller
 from kdistill.distillers.multitask import MultiTaskDistiller
 from kdistill.distillers.objective import Match, Objective, Stage, TermValue, expand_layer_map
-from kdistill.distillers.views import SequenceView, TokenView, infer_view
 
 __all__ = [
     "CrossTokenizerDistiller",

@@ -15,15 +15,14 @@ processes, checkpoints — is the loop's.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from kdistill.distillers.objective import Match, Objective, TermValue
-from kdistill.distillers.views import (
+from kdistill.core.batch import model_inputs
+from kdistill.core.views import (
     SequenceView,
     TokenView,
     attention_mask_of,
@@ -31,19 +30,12 @@ from kdistill.distillers.views import (
     student_inputs,
     teacher_inputs,
 )
+from kdistill.distillers.objective import Match, Objective, TermValue
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.features import FeatureTap, resolve_feature
 from kdistill.losses import token_cross_entropy
 
 View = SequenceView | TokenView
-_NON_MODEL_KEYS = {"labels", "task", "teacher_logits", "teacher_topk", "student", "teacher", "example_id", "idx"}
-
-
-def model_inputs(model: nn.Module, inputs: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``inputs`` that ``model.forward`` takes by name (labels and kdistill's own keys dropped)."""
-    params = inspect.signature(model.forward).parameters
-    named = {name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in inputs.items() if k in named and k not in _NON_MODEL_KEYS}
 
 
 def build_projection(kind: str, student_size: int, teacher_size: int) -> nn.Module:

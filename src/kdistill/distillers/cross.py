@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.core.views import SequenceView, TokenView, student_inputs, teacher_inputs
 from kdistill.distillers.core import Distiller
 from kdistill.distillers.objective import Objective, TermValue
-from kdistill.distillers.views import SequenceView, TokenView, student_inputs, teacher_inputs
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.losses.cross_tokenizer import align_by_offsets, aligned_distillation_loss_batch, uld_loss
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdistill.distillers.views import student_inputs, teacher_inputs
+from kdistill.core.views import student_inputs, teacher_inputs
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval.speed import evaluating, prepare_inputs
 from kdistill.features import FeatureTap
@@ -184,7 +184,7 @@ def layer_cka(
             inputs feed each model its own.
         layer_pairs: ``(teacher spec, student spec)`` pairs; pass every combination for a full CKA matrix.
         teacher_key: which inputs feed the teacher, ``"teacher"`` or ``"student"``; None means ``"teacher"``
-            (:func:`~kdistill.distillers.views.teacher_inputs`: ``batch["teacher"]``, or the batch itself).
+            (:func:`~kdistill.core.views.teacher_inputs`: ``batch["teacher"]``, or the batch itself).
         student_key: likewise for the student; None means ``"student"``.
         positions: ``"auto"``, ``"tokens"`` or ``"mean"``, as above.
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from kdistill._io import atomic_write_text
-from kdistill.distillers.views import student_inputs, teacher_inputs
+from kdistill.core.views import student_inputs, teacher_inputs
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval.cka import layer_cka
 from kdistill.eval.speed import (

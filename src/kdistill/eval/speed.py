@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.distillers.core import model_inputs
+from kdistill.core.batch import model_inputs
 from kdistill.errors import InvalidArgumentError
 
 __all__ = [

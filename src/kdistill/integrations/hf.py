@@ -1,6 +1,7 @@
 """Token-level causal-LM distillation inside the Hugging Face ``Trainer``: :class:`DistillationTrainer`.
 
-The trainer is a ``transformers.Trainer`` whose ``compute_loss`` is :func:`kdistill.lm.loss.causal_lm_loss_sums`:
+The trainer is a ``transformers.Trainer`` whose ``compute_loss`` is
+:func:`kdistill.distillers.lm_loss.causal_lm_loss_sums`:
 
 ``loss = (kd_weight · T² · KD_sum + ce_weight · CE_sum) / N``
 
@@ -12,7 +13,7 @@ accumulation 4 × 2 gives exactly the update of 1 × 8, and two processes that o
 How that fits the Trainer of transformers 5.x: ``Trainer.get_batch_samples`` collects the micro-batches of one
 optimizer step and counts ``num_items_in_batch`` for them; its own count uses ``labels[..., 1:]`` only when it
 recognizes the model's loss as a causal-LM loss, and only when the model accepts loss kwargs. This class overrides
-``get_batch_samples`` to always count with :func:`kdistill.lm.shift.counted_next_tokens` (summed over processes
+``get_batch_samples`` to always count with :func:`kdistill.core.shift.counted_next_tokens` (summed over processes
 unless ``average_tokens_across_devices=False``), sets ``loss_is_scaled_for_ga = True`` (so ``training_step`` does
 not divide by the accumulation steps again) and multiplies the loss by the number of processes, because DDP
 averages gradients.
@@ -22,16 +23,17 @@ mode, and moved to the student's device at the first loss computation.
 
 Offline distillation: with ``teacher_cache`` (a directory written by ``kdistill cache``) there is no teacher at all.
 The data collator is wrapped in :class:`kdistill.cache.batches.CachedTeacherCollate`, each batch carries the teacher's
-cached top-k log-probabilities, and the KD term is :func:`kdistill.lm.loss.cached_lm_loss_sums`
+cached top-k log-probabilities, and the KD term is :func:`kdistill.distillers.lm_loss.cached_lm_loss_sums`
 (:func:`~kdistill.losses.sparse.sparse_divergence` over the cached support, plain or chunked). Only the KD term
 changes: the CE term, the count and its normalization are those of the live path, so a ``k = V`` cache trains the
 student as the live teacher does.
 
 A teacher with another tokenizer: with ``cross_tokenizer`` (``"uld"`` or ``"align"``) each batch carries the teacher's
-own tokenization of the same records (``batch["teacher"]``, from :func:`kdistill.lm.data.render_sft`) and the KD term
-is :func:`kdistill.lm.cross.cross_tokenizer_loss_sums`: the ULD distance between sorted next-token probabilities,
-positions paired in order (``"uld"``) or by the completion characters they are about to emit (``"align"``). Its sum
-is divided by the same count N (the student's counted next tokens), so accumulation stays exact here too.
+own tokenization of the same records (``batch["teacher"]``, from :func:`kdistill.data.sft.render_sft`) and the KD term
+is :func:`kdistill.distillers.lm_cross.cross_tokenizer_loss_sums`: the ULD distance between sorted next-token
+probabilities, positions paired in order (``"uld"``) or by the completion characters they are about to emit
+(``"align"``). Its sum is divided by the same count N (the student's counted next tokens), so accumulation stays exact
+here too.
 """
 
 from __future__ import annotations
@@ -46,10 +48,16 @@ import torch
 import transformers
 from torch import nn
 
+from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens
+from kdistill.distillers.lm_cross import CROSS_TOKENIZER_METHODS, cross_tokenizer_loss_sums
+from kdistill.distillers.lm_loss import (
+    LMLossSums,
+    cached_lm_loss_sums,
+    causal_lm_loss_sums,
+    lm_head_of,
+    unwrap_causal_lm,
+)
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.lm.cross import CROSS_TOKENIZER_METHODS, cross_tokenizer_loss_sums
-from kdistill.lm.loss import LMLossSums, cached_lm_loss_sums, causal_lm_loss_sums, lm_head_of, unwrap_causal_lm
-from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens
 from kdistill.losses._common import VOCAB_POLICIES
 
 _TEACHER_DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
@@ -95,9 +103,9 @@ class DistillationArguments(transformers.TrainingArguments):
             :mod:`kdistill.losses.sparse`.
         cross_tokenizer: ``"uld"`` or ``"align"`` when the teacher has another tokenizer (batches then carry its
             tokenization in ``batch["teacher"]``; ``"align"`` also needs ``completion_offsets``, from
-            ``render_sft(..., offsets=True)``); see :mod:`kdistill.lm.cross`. The KD term is then the ULD distance,
-            so ``loss``, ``divergence_kwargs`` and ``vocab_policy`` do not apply (the last two are refused if set);
-            ``kd_weight`` and ``scale_kd_by_t2`` apply as usual. Not available with ``chunked_loss`` (the ULD
+            ``render_sft(..., offsets=True)``); see :mod:`kdistill.distillers.lm_cross`. The KD term is then the ULD
+            distance, so ``loss``, ``divergence_kwargs`` and ``vocab_policy`` do not apply (the last two are refused
+            if set); ``kd_weight`` and ``scale_kd_by_t2`` apply as usual. Not available with ``chunked_loss`` (the ULD
             distance sorts whole probability rows), on-policy steps (the student's samples have no teacher
             tokenization) or ``teacher_cache`` (a cache holds ids of the teacher's vocabulary and no completion
             offsets).
@@ -254,13 +262,14 @@ class DistillationTrainer(transformers.Trainer):
             before ``save_pretrained`` to get a plain model).
         **kwargs: the other ``Trainer`` arguments (``train_dataset``, ``eval_dataset``, ``data_collator``,
             ``processing_class``, ``callbacks``, ...). Without a ``data_collator``, batches are padded by
-            :class:`kdistill.lm.data.SFTCollator` (with the prompts when ``on_policy_fraction > 0``).
+            :class:`kdistill.data.sft.SFTCollator` (with the prompts when ``on_policy_fraction > 0``).
 
     Batches carry ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on prompt and padding), optionally
     ``prompt_input_ids``/``prompt_attention_mask`` (left-padded prompts, needed for on-policy steps) and ``teacher``
     (the teacher's own ``input_ids``/``attention_mask`` over the same positions; with ``args.cross_tokenizer``, the
     teacher's own tokenization of the same records, with its ``labels`` and, for ``"align"``, ``completion_offsets``)
-    or ``teacher_topk`` (the teacher's cached top-k outputs, see :func:`kdistill.lm.loss.cached_lm_loss_sums`).
+    or ``teacher_topk`` (the teacher's cached top-k outputs, see
+    :func:`kdistill.distillers.lm_loss.cached_lm_loss_sums`).
 
     Attributes:
         teacher: the frozen teacher model (None for SFT without a teacher).
@@ -340,7 +349,7 @@ class DistillationTrainer(transformers.Trainer):
         the number of processes, since DDP averages gradients). In evaluation (or when ``num_items_in_batch`` is
         None) ``N`` is this batch's own count, so the loss is the batch's mean per counted token. With
         ``cross_tokenizer`` the KD sum is the ULD distance summed over paired positions or aligned groups
-        (:func:`kdistill.lm.cross.cross_tokenizer_loss_sums`) and ``N`` is still the student's count.
+        (:func:`kdistill.distillers.lm_cross.cross_tokenizer_loss_sums`) and ``N`` is still the student's count.
         """
         args: DistillationArguments = self.args  # type: ignore[assignment]
         if "teacher_topk" in inputs:  # the teacher's outputs read from a cache: the teacher does not run
@@ -765,7 +774,7 @@ def _sequences_from_samples(
 
 
 def _default_collator(model: nn.Module, processing_class: Any, *, with_prompts: bool) -> Any:
-    """:class:`kdistill.lm.data.SFTCollator` with the tokenizer's (or the model's) pad id."""
+    """:class:`kdistill.data.sft.SFTCollator` with the tokenizer's (or the model's) pad id."""
     pad_id: int | None = getattr(processing_class, "pad_token_id", None)
     if not isinstance(pad_id, int):
         config = getattr(unwrap_causal_lm(model), "config", None)
@@ -773,6 +782,6 @@ def _default_collator(model: nn.Module, processing_class: Any, *, with_prompts: 
         if not isinstance(pad_id, int):
             eos = getattr(config, "eos_token_id", None)
             pad_id = eos if isinstance(eos, int) else 0
-    from kdistill.lm.data import SFTCollator
+    from kdistill.data.sft import SFTCollator
 
     return SFTCollator(pad_token_id=pad_id, with_prompts=with_prompts)

@@ -235,8 +235,8 @@ def iter_logits(
     Eval mode, no gradients; the model's mode is restored when the iteration ends. For outputs too large to keep
     for a whole split (a causal LM's ``(B, T, V)`` logits), reduce each batch as it comes.
     """
-    from kdistill.distillers.core import model_inputs
-    from kdistill.distillers.views import student_inputs, teacher_inputs
+    from kdistill.core.batch import model_inputs
+    from kdistill.core.views import student_inputs, teacher_inputs
 
     if inputs not in ("student", "teacher"):
         raise InvalidArgumentError(f"inputs must be 'student' or 'teacher', got {inputs!r}")

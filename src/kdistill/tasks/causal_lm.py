@@ -1,9 +1,9 @@
 """Causal language modelling: SFT records or packed plain text, token-level distillation, perplexity.
 
 The view is where the engine meets the causal shift: the logits at position t are compared with the label at
-t + 1 (:func:`kdistill.lm.next_token_labels`), so the KD mask, the hard labels and the counts the engine
+t + 1 (:func:`kdistill.core.shift.next_token_labels`), so the KD mask, the hard labels and the counts the engine
 normalizes by are all next-token positions whose label is not ``-100``. Prompt tokens and padding carry ``-100``
-(see :func:`kdistill.lm.data.render_sft`), so only completions are learned.
+(see :func:`kdistill.data.sft.render_sft`), so only completions are learned.
 
 Evaluation never keeps ``(B, T, V)`` logits: :meth:`CausalLMTask.predict` reduces each batch to sums at once
 (negative log-likelihood, correct next tokens, counted tokens), and :func:`lm_agreement` does the same for the
@@ -20,9 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdistill.distillers.views import _logits_of
+from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
+from kdistill.core.views import _logits_of
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.tasks.base import column_values, iter_logits, tokenizers_differ
 
 
@@ -50,7 +50,7 @@ def _labels_of(batch: Mapping[str, Any]) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise InvalidArgumentError(
             "a causal-LM batch needs 'labels' (the input ids, -100 where nothing is learned); build it with "
-            "kdistill.lm.data.render_sft or pack_texts and SFTCollator"
+            "kdistill.data.sft.render_sft or pack_texts and SFTCollator"
         )
     return labels
 
@@ -82,7 +82,7 @@ class CausalLMTask:
 
     @property
     def collate(self) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
-        from kdistill.lm.data import SFTCollator
+        from kdistill.data.sft import SFTCollator
 
         return SFTCollator(pad_token_id=self.pad_token_id)
 
@@ -113,7 +113,7 @@ class CausalLMTask:
         label_names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Tokenized examples with ``input_ids``, ``attention_mask``, ``labels`` (unshifted), ``example_id``."""
-        from kdistill.lm.data import pack_texts, render_sft
+        from kdistill.data.sft import pack_texts, render_sft
 
         if max_length is None or max_length < 2:
             raise InvalidArgumentError(

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.core.views import SequenceView
 from kdistill.data.collate import PadCollator
-from kdistill.distillers.views import SequenceView
 from kdistill.errors import InvalidArgumentError
 from kdistill.tasks.base import (
     IGNORE_INDEX,

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.core.views import student_inputs
 from kdistill.data.collate import PadCollator
-from kdistill.distillers.views import student_inputs
 from kdistill.errors import InvalidArgumentError
 from kdistill.tasks.base import (
     chunks,

@@ -1,7 +1,7 @@
 """Token classification (NER, chunking): word-level BIO tags, aligned to the tokenizer's pieces.
 
 Each word's first piece carries the word's tag; its other pieces and the special tokens carry ``-100`` (no hard
-loss), while knowledge distillation counts every real token (:class:`~kdistill.distillers.views.TokenView`).
+loss), while knowledge distillation counts every real token (:class:`~kdistill.core.views.TokenView`).
 Metrics are entity-level precision, recall and F1 over whole words; a word cut off by truncation is predicted
 ``"O"``.
 
@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import TokenClassifierOutput
 
+from kdistill.core.views import TokenView
 from kdistill.data.collate import PadCollator
 from kdistill.data.word_tokenizer import WordTokenizer
-from kdistill.distillers.views import TokenView
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.tasks.base import (
     IGNORE_INDEX,
@@ -433,7 +433,7 @@ class FirstPieceLogits(nn.Module):
         word_starts: torch.Tensor | None = None,
         output_attentions: bool | None = None,
     ) -> Any:
-        from kdistill.distillers.core import model_inputs
+        from kdistill.core.batch import model_inputs
 
         given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         if output_attentions:

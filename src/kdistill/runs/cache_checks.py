@@ -88,7 +88,7 @@ def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, 
     """``(distiller, training examples, collate)`` for a run reading ``config.distill.teacher_cache``."""
     from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
     from kdistill.distillers import Distiller
-    from kdistill.distillers.views import SequenceView, TokenView
+    from kdistill.core.views import SequenceView, TokenView
     from kdistill.tasks.causal_lm import CausalLMView
 
     spec = config.distill

@@ -251,7 +251,7 @@ class HFTeacher:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from kdistill.run import ModelLoadError, resolve_model_path
+        from kdistill.runs.run import ModelLoadError, resolve_model_path
 
         path = resolve_model_path(self.path, "teacher")
         extra: dict[str, Any] = {"gguf_file": self.gguf_file} if self.gguf_file else {}
@@ -553,7 +553,7 @@ def generate_dataset(
     }
     _check_meta(out_path, meta, overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    from kdistill.run import write_json_atomically
+    from kdistill.runs.run import write_json_atomically
 
     write_json_atomically(meta_path(out_path), meta)
     done = read_done(out_path)

@@ -1,14 +1,14 @@
 """Causal-LM distillation between a teacher and a student with different tokenizers: ULD and offset alignment.
 
 When the teacher tokenizes differently, each batch carries the teacher's own tokenization of the same records in
-``batch["teacher"]`` (see :func:`kdistill.lm.data.render_sft`), and token id ``i`` means different strings on the two
+``batch["teacher"]`` (see :func:`kdistill.data.sft.render_sft`), and token id ``i`` means different strings on the two
 sides, so no per-id divergence makes sense. :func:`cross_tokenizer_loss_sums` compares next-token distributions
 by the shape of their sorted probabilities instead (the ULD distance of
 :func:`kdistill.losses.cross_tokenizer.uld_loss`: Σ_j |sort↓(p_S)_j − sort↓(p_T)_j|), and pairs the two sides'
 positions in one of two ways:
 
 * ``"uld"`` (Universal Logit Distillation, Boizard et al., 2024): the i-th counted next-token position of the
-  student (its completion tokens: ``labels[t + 1] != -100``, see :mod:`kdistill.lm.shift`) is paired with the i-th
+  student (its completion tokens: ``labels[t + 1] != -100``, see :mod:`kdistill.core.shift`) is paired with the i-th
   counted position of the teacher, per example, up to the shorter count. That is what ULD does: it assumes the two
   tokenizations advance through the completion at about the same pace, and it ignores the positions one side has in
   excess.
@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
+from kdistill.data.sft import COMPLETION_OFFSETS
+from kdistill.distillers.lm_loss import LMLossSums, model_inputs
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
-from kdistill.lm.data import COMPLETION_OFFSETS
-from kdistill.lm.loss import LMLossSums, model_inputs
-from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.losses import token_cross_entropy
 from kdistill.losses.cross_tokenizer import align_by_offsets, uld_loss
 
@@ -87,9 +87,9 @@ def cross_tokenizer_loss_sums(
         kd_weight, ce_weight: a zero skips its term.
 
     Returns:
-        :class:`~kdistill.lm.loss.LMLossSums` whose ``count`` is the student's counted next tokens (the unit the
-        caller normalizes by), ``kd_sum`` the summed ULD distance over pairs or groups, ``ce_sum`` the student's
-        next-token cross-entropy.
+        :class:`~kdistill.distillers.lm_loss.LMLossSums` whose ``count`` is the student's counted next tokens (the
+        unit the caller normalizes by), ``kd_sum`` the summed ULD distance over pairs or groups, ``ce_sum`` the
+        student's next-token cross-entropy.
 
     Raises:
         InvalidArgumentError: an unknown method, a missing teacher, or a batch without the teacher's tokenization or
@@ -108,7 +108,7 @@ def cross_tokenizer_loss_sums(
         if not isinstance(teacher_inputs, Mapping):
             raise InvalidArgumentError(
                 "a cross-tokenizer batch needs the teacher's own tokenization in 'teacher' (input_ids, "
-                "attention_mask, labels); render the records with kdistill.lm.data.render_sft(teacher_tokenizer=...)"
+                "attention_mask, labels); render the records with kdistill.data.sft.render_sft(teacher_tokenizer=...)"
             )
         teacher_labels = _labels(teacher_inputs, "inputs['teacher']")
         if teacher_labels.shape[0] != labels.shape[0]:
@@ -142,7 +142,7 @@ def _offsets(inputs: Mapping[str, Any], where: str) -> Sequence[Any]:
     if offsets is None:
         raise InvalidArgumentError(
             f"cross_tokenizer='align' needs {where}[{COMPLETION_OFFSETS!r}] (each token's characters in the "
-            "completion); render the records with kdistill.lm.data.render_sft(..., offsets=True)"
+            "completion); render the records with kdistill.data.sft.render_sft(..., offsets=True)"
         )
     return offsets
 

@@ -72,7 +72,7 @@ def _override(key: str, value: Any) -> str:
 
 def llm_grid(out_dir: str | Path, *, quick: bool = False, variants: list[str] | None = None) -> Any:
     """The demo's grid (validated), every variant running in ``out_dir/<variant>``."""
-    from kdistill.experiment import load_grid
+    from kdistill.runs.experiment import load_grid
 
     chosen = {name: VARIANTS[name] for name in (variants or list(VARIANTS))}
     overrides = [_override(key, value) for key, value in QUICK.items()] if quick else []
@@ -89,7 +89,7 @@ def run_llm_demo(
     out_dir: str | Path = "runs/demo-llm", *, quick: bool = False, variants: list[str] | None = None
 ) -> dict[str, Any]:
     """Run the grid, evaluate the teacher and the untrained student on the same test split, write the table."""
-    from kdistill.experiment import run_grid, write_comparison
+    from kdistill.runs.experiment import run_grid, write_comparison
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -146,7 +146,7 @@ def _reference_rows(config: Any) -> list[dict[str, Any]]:
     import torch
 
     from kdistill.eval.speed import count_parameters, measure_throughput
-    from kdistill.lm.run import causal_lm_parts
+    from kdistill.runs.causal_lm import causal_lm_parts
     from kdistill.tasks import evaluate_lm, make_batches
 
     parts = causal_lm_parts(config)

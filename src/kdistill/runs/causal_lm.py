@@ -3,7 +3,7 @@
 ``kdistill train`` hands causal-LM runs here, so the CLI and :class:`~kdistill.integrations.hf.DistillationTrainer`
 share one implementation of the loss (global token normalization, vocabulary policy, chunked loss, on-policy
 batches, LoRA). Data, tokenizer, teacher and student come from the same builders as every other run
-(:func:`kdistill.runparts.build_parts`); the run directory holds the same ``run.json``, ``config.yaml``,
+(:func:`kdistill.runs.parts.build_parts`); the run directory holds the same ``run.json``, ``config.yaml``,
 ``student/`` and ``eval.json`` (perplexity, next-token accuracy and, with a teacher, agreement and KL to it).
 A LoRA student is saved twice: its adapter in ``student_adapter/`` and, merged into the base weights, as a plain
 model in ``student/`` (what every other run writes, loadable with ``AutoModelForCausalLM.from_pretrained``).
@@ -18,7 +18,7 @@ entry says that agreement and KL to the teacher were not computed, and why.
 
 With ``distill.cross_tokenizer`` (``uld`` or ``align``) the teacher and the student each keep their own tokenizer (a
 student with ``kind: pretrained`` brings its own): every example carries the teacher's rendering of the same record,
-and the KD term is the ULD distance of :mod:`kdistill.lm.cross`. ``align`` needs each token's characters within the
+and the KD term is the ULD distance of :mod:`kdistill.distillers.lm_cross`. ``align`` needs each token's characters within the
 completion, so the records are rendered once more with ``offsets=True`` (checked to give the same ids). Without it,
 a teacher whose tokenizer differs is refused, naming both tokenizers and suggesting the option. Agreement and KL to
 the teacher compare distributions over one vocabulary, so ``eval.json`` marks them ``not_measured`` here too.
@@ -192,9 +192,9 @@ def evaluate_causal_lm(
 
 
 def causal_lm_parts(config: RunConfig) -> Any:
-    """The run's parts (:func:`kdistill.runparts.build_parts`) with a pad token the collator pads with (the EOS
+    """The run's parts (:func:`kdistill.runs.parts.build_parts`) with a pad token the collator pads with (the EOS
     token when the tokenizer has none, as most causal-LM tokenizers do)."""
-    from kdistill.runparts import build_parts
+    from kdistill.runs.parts import build_parts
 
     parts = build_parts(config)
     tokenizer = parts.student_tokenizer
@@ -208,12 +208,12 @@ def check_teacher_cache(config: RunConfig, parts: Any) -> Any:
     """The run's :class:`~kdistill.cache.CacheReader`, after checking that the cache was written for this run.
 
     The manifest is compared with the run field by field, as for the engine's cached runs
-    (:func:`kdistill.cache.runs.open_run_cache`: teacher, teacher tokenizer, training examples in order,
+    (:func:`kdistill.runs.cache_checks.open_run_cache`: teacher, teacher tokenizer, training examples in order,
     temperature, versions); a difference raises :class:`~kdistill.cache.CacheMismatchError` naming the field.
     Student and teacher must also share a tokenizer: the cached ids are the teacher's, and the student reads them as
     its own.
     """
-    from kdistill.cache.runs import open_run_cache
+    from kdistill.runs.cache_checks import open_run_cache
     from kdistill.tasks.base import tokenizers_differ
 
     if tokenizers_differ(parts.student_tokenizer, parts.teacher_tokenizer):
@@ -275,7 +275,7 @@ def with_completion_offsets(parts: Any) -> None:
     """
     import warnings
 
-    from kdistill.lm.data import render_sft
+    from kdistill.data.sft import render_sft
 
     task, config = parts.task, parts.config
     for split in ("train", *parts.eval_examples):
@@ -316,7 +316,7 @@ def _pad_id(tokenizer: Any) -> int:
 def run_causal_lm(config: RunConfig) -> Any:
     """Carry out one causal-LM run (see the module docstring for what it writes)."""
     from kdistill.integrations.hf import DistillationTrainer
-    from kdistill.run import RunResult, check_output_dir, recorded_run, write_json_atomically
+    from kdistill.runs.run import RunResult, check_output_dir, recorded_run, write_json_atomically
 
     check_causal_lm_config(config)
     start = time.perf_counter()
@@ -342,7 +342,7 @@ def run_causal_lm(config: RunConfig) -> Any:
         teacher = parts.task.adapt_teacher(
             parts.teacher, tokenizer=tokenizer, teacher_tokenizer=parts.teacher_tokenizer
         )
-    from kdistill.lm.data import SFTCollator
+    from kdistill.data.sft import SFTCollator
 
     collator = SFTCollator(
         pad_token_id=tokenizer.pad_token_id,

@@ -39,7 +39,7 @@ def _quiet_libraries() -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from kdistill.config import load_config
-    from kdistill.run import run
+    from kdistill.runs.run import run
 
     config = load_config(args.config, args.overrides)
     result = run(config)
@@ -63,7 +63,7 @@ def _run_config_for(target: str, config_path: str | None, overrides: Sequence[st
 
 def _model_dir(target: str) -> str:
     """A run directory's student, or the target itself (a model directory, hub id or packaged:NAME)."""
-    from kdistill.run import resolve_model_path, run_status
+    from kdistill.runs.run import resolve_model_path, run_status
 
     path = Path(target)
     if (path / "run.json").is_file():
@@ -75,14 +75,14 @@ def _model_dir(target: str) -> str:
 
 def _parts_with_model(config, model_path: str):
     """The config's task and data, with ``model_path`` as the (pretrained) model evaluated."""
-    from kdistill.runparts import build_parts
+    from kdistill.runs.parts import build_parts
 
     student = config.student.model_copy(update={"kind": "pretrained", "path": model_path})
     return build_parts(config.model_copy(update={"mode": "baseline", "teacher": None, "student": student}))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from kdistill.runparts import evaluate
+    from kdistill.runs.parts import evaluate
 
     config = _run_config_for(args.target, args.config, args.overrides)
     path = _model_dir(args.target)
@@ -100,7 +100,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from kdistill.eval.compare import ModelEntry, compare_models, format_compare_table, write_compare
-    from kdistill.runparts import compare_batches, load_model, load_tokenizer
+    from kdistill.runs.parts import compare_batches, load_model, load_tokenizer
 
     data_path = Path(args.data)
     config = _run_config_for(args.data, None if data_path.is_dir() else args.data, args.overrides)
@@ -138,8 +138,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from kdistill.params import format_parameter_tree, parameter_tree
-    from kdistill.runparts import load_any_model
+    from kdistill.models.params import format_parameter_tree, parameter_tree
+    from kdistill.runs.parts import load_any_model
 
     model = load_any_model(_model_dir(args.model))
     print(format_parameter_tree(parameter_tree(model, args.depth)))
@@ -156,11 +156,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.llm:
-        from kdistill.demo_llm import run_llm_demo
+        from kdistill.runs.demo_llm import run_llm_demo
 
         summary = run_llm_demo(args.out or "runs/demo-llm", quick=args.quick)
         return 1 if summary.get("failed") else 0
-    from kdistill.demo import run_demo
+    from kdistill.runs.demo import run_demo
 
     run_demo(args.out or "runs/demo", quick=args.quick)
     return 0
@@ -229,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     losses.set_defaults(func=_cmd_losses)
 
-    from kdistill.cache.command import add_cache_parser
-    from kdistill.experiment import add_experiment_parser
-    from kdistill.lm.generate import add_generate_parser
+    from kdistill.generation import add_generate_parser
+    from kdistill.runs.cache import add_cache_parser
+    from kdistill.runs.experiment import add_experiment_parser
 
     add_experiment_parser(commands)
     add_generate_parser(commands)

@@ -101,8 +101,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_di
     """Run the demo into ``out_dir``; prints the comparison and returns it (also in ``compare.json``)."""
     from kdistill.eval.compare import ModelEntry, compare_models, format_compare_table, write_compare
     from kdistill.report.html import build_report
-    from kdistill.run import run, run_status
-    from kdistill.runparts import build_parts, compare_batches, load_model, load_tokenizer
+    from kdistill.runs.run import run, run_status
+    from kdistill.runs.parts import build_parts, compare_batches, load_model, load_tokenizer
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -162,6 +162,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_di
 
 
 def _teacher_dir(config: RunConfig) -> Path:
-    from kdistill.runparts import teacher_cache_dir
+    from kdistill.runs.parts import teacher_cache_dir
 
     return teacher_cache_dir(config) / "student"

@@ -1,6 +1,6 @@
 """The pieces of a run, built from its config: data, task, teacher, student, examples, objective, eval.
 
-Split from :mod:`kdistill.run` so each reads top to bottom; the CLI's ``eval`` and ``compare`` reuse them.
+Split from :mod:`kdistill.runs.run` so each reads top to bottom; the CLI's ``eval`` and ``compare`` reuse them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def load_data(config: RunConfig) -> Any:
         }
         return _split_packaged(config, columns)
     if data.source == "chatterbot":
-        from kdistill.lm.data import chatterbot_dialogs
+        from kdistill.data.sft import chatterbot_dialogs
 
         records = chatterbot_dialogs()
         return _split_packaged(config, {"messages": [r["messages"] for r in records]})
@@ -215,7 +215,7 @@ def load_tokenizer(path: str, field_name: str, gguf_file: str | None = None) -> 
 
 
 def _load_error(field_name: str, path: str, error: Exception) -> KdistillError:
-    from kdistill.run import ModelLoadError
+    from kdistill.runs.run import ModelLoadError
 
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(f"{field_name}: cannot load {path!r} ({reason[:200]})")
@@ -231,7 +231,7 @@ def load_model(
     """
     import torch
 
-    from kdistill.students import BIRNN_MODEL_TYPE, BiRNNClassifier
+    from kdistill.models.students import BIRNN_MODEL_TYPE, BiRNNClassifier
 
     directory = Path(path)
     config_file = directory / "config.json"
@@ -269,7 +269,7 @@ def _without_quantization(model: nn.Module) -> nn.Module:
 
 def teacher_cache_dir(config: RunConfig) -> Path:
     """Where the teacher fine-tuned for this config's task and data is kept (keyed by everything that shapes it)."""
-    from kdistill.run import config_hash, default_cache_dir, resolve_model_path
+    from kdistill.runs.run import config_hash, default_cache_dir, resolve_model_path
 
     assert config.teacher is not None
     path = resolve_model_path(config.teacher.path)
@@ -291,7 +291,7 @@ def _teacher_seed(config: RunConfig) -> int:
 
 def load_teacher(config: RunConfig, task: Any) -> tuple[nn.Module, Any]:
     """The teacher and its tokenizer; fine-tuned on the task first (once, cached) when ``teacher.fine_tune``."""
-    from kdistill.run import resolve_model_path, run, run_status
+    from kdistill.runs.run import resolve_model_path, run, run_status
 
     assert config.teacher is not None
     path = resolve_model_path(config.teacher.path)
@@ -344,11 +344,11 @@ def dequantized_copy(path: str, gguf_file: str, task: Any) -> Path:
     import os
     import shutil
 
-    from kdistill.run import config_hash, default_cache_dir
+    from kdistill.runs.run import config_hash, default_cache_dir
 
     source = Path(path) / gguf_file
     if not source.is_file():
-        from kdistill.run import ModelLoadError
+        from kdistill.runs.run import ModelLoadError
 
         raise ModelLoadError(f"teacher.gguf_file: {source} does not exist")
     stat = source.stat()
@@ -406,8 +406,8 @@ def build_student_for(
 ) -> tuple[nn.Module, Any]:
     """The student and its tokenizer (the teacher's, or a word vocabulary built from the training texts)."""
     from kdistill.data.word_tokenizer import WordTokenizer
-    from kdistill.run import resolve_model_path
-    from kdistill.students import build_student
+    from kdistill.runs.run import resolve_model_path
+    from kdistill.models.students import build_student
 
     spec = config.student
     name = TASK_NAMES[config.task]
@@ -615,7 +615,7 @@ def _rest(example: dict[str, Any]) -> dict[str, Any]:
 
 def load_any_model(path: str) -> nn.Module:
     """Any saved model, for inspection: kdistill's BiRNN, or the transformers class its config names."""
-    from kdistill.students import BIRNN_MODEL_TYPE, BiRNNClassifier
+    from kdistill.models.students import BIRNN_MODEL_TYPE, BiRNNClassifier
 
     directory = Path(path)
     config_file = directory / "config.json"

@@ -109,11 +109,11 @@ def recorded_run(out: Path, config: RunConfig, start: float) -> Iterator[dict[st
 def run(config: RunConfig) -> RunResult:
     """Carry out one run; see the module docstring for what it writes."""
     if config.task == "causal_lm":
-        from kdistill.lm.run import run_causal_lm
+        from kdistill.runs.causal_lm import run_causal_lm
 
         return run_causal_lm(config)  # the Trainer integration: one implementation of LLM distillation
     from kdistill.distillers import Distiller, MultiTeacherDistiller, SupervisedTrainer
-    from kdistill.runparts import build_objective, build_parts, evaluate, make_training_config
+    from kdistill.runs.parts import build_objective, build_parts, evaluate, make_training_config
     from kdistill.training import train
 
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def run(config: RunConfig) -> RunResult:
         distiller = SupervisedTrainer(parts.student, view=parts.task.view)
         trained = parts.student
     elif config.distill.teacher_cache:  # the teacher's outputs from `kdistill cache`: the teacher never runs
-        from kdistill.cache.runs import cached_teacher_parts
+        from kdistill.runs.cache_checks import cached_teacher_parts
 
         distiller, train_examples, collate = cached_teacher_parts(config, parts, build_objective(config, parts))
         parts.teacher = None  # built only to shape the student; the cache stands in for it, so it is not kept

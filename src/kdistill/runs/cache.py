@@ -2,7 +2,7 @@
 
 When the run has intermediate matches (``distill.layer_map`` / ``distill.matches``) on the teacher's hidden states
 or embeddings, the cache also keeps those features at every attended position, so the run needs no teacher at all;
-attention-map and logits matches are refused (see :func:`kdistill.cache.runs.cached_feature_specs`).
+attention-map and logits matches are refused (see :func:`kdistill.runs.cache_checks.cached_feature_specs`).
 
 The cache is keyed by what shapes the teacher's outputs (teacher, tokenizer, data, k, dtype, temperature, features): a
 second call with the same run resumes from the last complete shard, and a call with another setting is refused,
@@ -47,10 +47,10 @@ def _worker() -> tuple[int, int]:
 def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from kdistill.cache.runs import cached_feature_specs
+    from kdistill.runs.cache_checks import cached_feature_specs
     from kdistill.cache.store import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
     from kdistill.config import load_config
-    from kdistill.runparts import build_objective, build_parts
+    from kdistill.runs.parts import build_objective, build_parts
 
     config = load_config(args.config, args.overrides)
     if config.teacher is None:

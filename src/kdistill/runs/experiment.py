@@ -264,7 +264,7 @@ def plan_grid(grid: Grid) -> list[tuple[Variant, Action]]:
         ConfigError: a directory holds a run of a different config, or files that are no run; nothing is
             overwritten, so the message says which key differs and asks to remove the directory.
     """
-    from kdistill.run import run_status
+    from kdistill.runs.run import run_status
 
     plan: list[tuple[Variant, Action]] = []
     for variant in grid.variants:
@@ -319,7 +319,7 @@ def run_grid(grid: Grid, *, log: Callable[[str], None] | None = None) -> list[Va
     A variant that fails while running is recorded as failed with its error (its run.json says so too) and the
     next one runs; only Ctrl-C stops the grid. The comparison table is written by :func:`write_experiment`.
     """
-    from kdistill.run import run
+    from kdistill.runs.run import run
 
     say = log or (lambda message: None)
     plan = plan_grid(grid)

@@ -3,7 +3,7 @@
 :func:`causal_lm_loss_sums` returns *sums* and a *count*, not means: the caller (the Hugging Face integration, the
 engine) divides by the global count of counted positions over all micro-batches and processes, which is what makes
 gradient accumulation and data parallelism exact. Positions are counted with
-:func:`kdistill.lm.shift.counted_next_tokens`: the logits at ``t`` predict ``labels[t + 1]``.
+:func:`kdistill.core.shift.counted_next_tokens`: the logits at ``t`` predict ``labels[t + 1]``.
 
 Two paths compute the same numbers:
 
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
-from kdistill.lm.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.losses import chunked_divergence, token_cross_entropy
 from kdistill.losses._common import VOCAB_POLICIES
 

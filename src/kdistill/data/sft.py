@@ -2,11 +2,11 @@
 
 An SFT example is a dict of token lists: ``input_ids``, ``attention_mask``, ``labels`` (the HF convention: the
 labels *are* the input ids, ``-100`` where nothing is learned; they are not shifted here, the causal shift lives
-only in :mod:`kdistill.lm.shift`), ``prompt_length`` (how many leading tokens are the prompt) and ``example_id``.
+only in :mod:`kdistill.core.shift`), ``prompt_length`` (how many leading tokens are the prompt) and ``example_id``.
 Where the teacher tokenizes differently, the example carries a nested ``teacher`` dict with the same keys, and the
 batch gets ``batch["teacher"]`` (the engine's convention: ``batch["teacher"]`` holds the teacher's inputs). With
 ``render_sft(..., offsets=True)`` both tokenizations also carry ``completion_offsets``: each token's characters within
-the assistant completions, which is how cross-tokenizer alignment (:mod:`kdistill.lm.cross`) pairs the two.
+the assistant completions, which is how cross-tokenizer alignment (:mod:`kdistill.distillers.lm_cross`) pairs the two.
 
 * :func:`render_sft` turns instruction / chat / prompt-completion records into such examples, with the prompt masked;
 * :func:`pack_texts` cuts a plain-text corpus into fixed-size blocks where every token is learned;
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from kdistill.core.shift import IGNORE_INDEX
 from kdistill.data.loading import DataError
 from kdistill.data.packaged import MissingPackageError
 from kdistill.errors import InvalidArgumentError, UnknownNameError
-from kdistill.lm.shift import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
