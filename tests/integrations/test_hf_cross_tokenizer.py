@@ -23,7 +23,8 @@ from test_cross_tokenizer_loss import (
 )
 
 from conftest import LLAMA_VOCAB, make_tiny_chat_tokenizer
-from kdistill.data.sft import SFTCollator, render_sft
+from kdistill.data.sft import render_sft
+from kdistill.data.sft_collate import SFTCollator
 from kdistill.distillers.lm_cross import cross_tokenizer_loss_sums
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
 from kdistill.integrations.hf import DistillationArguments, DistillationTrainer

@@ -16,7 +16,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
-from kdistill.data.sft import SFTCollator, _encode_with_spans, render_sft
+from kdistill.data.sft import _encode_with_spans, render_sft
+from kdistill.data.sft_collate import SFTCollator
 from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
 
 WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "i", "like", "love", "you", "what", "how", "name"]

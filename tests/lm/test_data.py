@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
-from kdistill.data import sft as lm_data
+from kdistill.data import sft_records as lm_data
 from kdistill.data.loading import DataError
 from kdistill.data.packaged import MissingPackageError
-from kdistill.data.sft import SFTCollator, chatterbot_dialogs, load_sft_records, pack_texts, render_sft
+from kdistill.data.sft import pack_texts, render_sft
+from kdistill.data.sft_collate import SFTCollator
+from kdistill.data.sft_records import chatterbot_dialogs, load_sft_records
 from kdistill.errors import InvalidArgumentError, KdistillError, UnknownNameError
 
 ALPACA = {"instruction": "say hello", "input": "to me", "output": "Hello you"}

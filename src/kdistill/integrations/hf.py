@@ -262,7 +262,7 @@ class DistillationTrainer(transformers.Trainer):
             before ``save_pretrained`` to get a plain model).
         **kwargs: the other ``Trainer`` arguments (``train_dataset``, ``eval_dataset``, ``data_collator``,
             ``processing_class``, ``callbacks``, ...). Without a ``data_collator``, batches are padded by
-            :class:`kdistill.data.sft.SFTCollator` (with the prompts when ``on_policy_fraction > 0``).
+            :class:`kdistill.data.sft_collate.SFTCollator` (with the prompts when ``on_policy_fraction > 0``).
 
     Batches carry ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` on prompt and padding), optionally
     ``prompt_input_ids``/``prompt_attention_mask`` (left-padded prompts, needed for on-policy steps) and ``teacher``
@@ -774,7 +774,7 @@ def _sequences_from_samples(
 
 
 def _default_collator(model: nn.Module, processing_class: Any, *, with_prompts: bool) -> Any:
-    """:class:`kdistill.data.sft.SFTCollator` with the tokenizer's (or the model's) pad id."""
+    """:class:`kdistill.data.sft_collate.SFTCollator` with the tokenizer's (or the model's) pad id."""
     pad_id: int | None = getattr(processing_class, "pad_token_id", None)
     if not isinstance(pad_id, int):
         config = getattr(unwrap_causal_lm(model), "config", None)
@@ -782,6 +782,6 @@ def _default_collator(model: nn.Module, processing_class: Any, *, with_prompts: 
         if not isinstance(pad_id, int):
             eos = getattr(config, "eos_token_id", None)
             pad_id = eos if isinstance(eos, int) else 0
-    from kdistill.data.sft import SFTCollator
+    from kdistill.data.sft_collate import SFTCollator
 
     return SFTCollator(pad_token_id=pad_id, with_prompts=with_prompts)

@@ -342,7 +342,7 @@ def run_causal_lm(config: RunConfig) -> Any:
         teacher = parts.task.adapt_teacher(
             parts.teacher, tokenizer=tokenizer, teacher_tokenizer=parts.teacher_tokenizer
         )
-    from kdistill.data.sft import SFTCollator
+    from kdistill.data.sft_collate import SFTCollator
 
     collator = SFTCollator(
         pad_token_id=tokenizer.pad_token_id,

@@ -79,7 +79,7 @@ def load_data(config: RunConfig) -> Any:
         }
         return _split_packaged(config, columns)
     if data.source == "chatterbot":
-        from kdistill.data.sft import chatterbot_dialogs
+        from kdistill.data.sft_records import chatterbot_dialogs
 
         records = chatterbot_dialogs()
         return _split_packaged(config, {"messages": [r["messages"] for r in records]})

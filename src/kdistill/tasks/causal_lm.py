@@ -22,6 +22,8 @@ from torch import nn
 
 from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.core.views import _logits_of
+from kdistill.data.sft import pack_texts, render_sft
+from kdistill.data.sft_collate import SFTCollator
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
 from kdistill.tasks.base import column_values, iter_logits, tokenizers_differ
 
@@ -50,7 +52,7 @@ def _labels_of(batch: Mapping[str, Any]) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise InvalidArgumentError(
             "a causal-LM batch needs 'labels' (the input ids, -100 where nothing is learned); build it with "
-            "kdistill.data.sft.render_sft or pack_texts and SFTCollator"
+            "kdistill.data.sft.render_sft or pack_texts and kdistill.data.sft_collate.SFTCollator"
         )
     return labels
 
@@ -82,8 +84,6 @@ class CausalLMTask:
 
     @property
     def collate(self) -> Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]:
-        from kdistill.data.sft import SFTCollator
-
         return SFTCollator(pad_token_id=self.pad_token_id)
 
     @property
@@ -113,8 +113,6 @@ class CausalLMTask:
         label_names: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
         """Tokenized examples with ``input_ids``, ``attention_mask``, ``labels`` (unshifted), ``example_id``."""
-        from kdistill.data.sft import pack_texts, render_sft
-
         if max_length is None or max_length < 2:
             raise InvalidArgumentError(
                 f"a causal-LM task needs max_length >= 2 (tokens per example); got {max_length}"
