@@ -14,16 +14,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cli"))
 from cli_support import save_tiny_bert, sentiment_rows, write_csv, write_yaml
 
+from kdistill.cli import experiment as experiment_cli
 from kdistill.config import ConfigError, dump_config
 from kdistill.runs.experiment import (
-    add_experiment_parser,
-    cmd_experiment,
     count_saved_parameters,
     load_grid,
     plan_grid,
     run_grid,
-    write_comparison,
 )
+from kdistill.runs.experiment_table import write_comparison
 from kdistill.runs.run import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -60,9 +59,9 @@ def _grid_file(directory: Path, variants: dict, *, base="run.yaml", out="grid", 
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="kdistill")
-    add_experiment_parser(parser.add_subparsers(dest="command"))
+    experiment_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(argv)
-    assert args.func is cmd_experiment
+    assert args.func is experiment_cli.run
     return args.func(args)
 
 

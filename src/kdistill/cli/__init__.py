@@ -229,11 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     losses.set_defaults(func=_cmd_losses)
 
+    from kdistill.cli import experiment
     from kdistill.generation import add_generate_parser
     from kdistill.runs.cache import add_cache_parser
-    from kdistill.runs.experiment import add_experiment_parser
 
-    add_experiment_parser(commands)
+    experiment.add_parser(commands)
     add_generate_parser(commands)
     add_cache_parser(commands)
     return parser

@@ -28,40 +28,40 @@ Why the checks happen where they do:
   its newest checkpoint, and a directory holding something else is an error — nothing is ever overwritten.
 * :func:`run_grid` records a variant that fails while running, with its error, and goes on with the next one.
 
-:func:`write_comparison` writes ``experiment.md``, ``experiment.csv`` and ``experiment.png`` from plain row
-dicts; it knows nothing about grids, so other callers (the LLM demo) pass rows they computed themselves.
+:func:`write_experiment` turns the results into rows for :func:`kdistill.runs.experiment_table.write_comparison`,
+which writes ``experiment.md``, ``experiment.csv`` and ``experiment.png`` (the command line is
+:mod:`kdistill.cli.experiment`).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import csv
 import difflib
-import io
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from safetensors import safe_open
 
-from kdistill._io import atomic_write_bytes
 from kdistill.config import ConfigError, RunConfig, load_config, parse_overrides
 from kdistill.config.loader import read_yaml_mapping
-from kdistill.errors import InvalidArgumentError, KdistillError
+from kdistill.errors import KdistillError
+from kdistill.losses import LOSSES
+from kdistill.runs.experiment_table import ComparisonPaths, format_cell, is_number, write_comparison
+from kdistill.runs.run import run, run_status
+from kdistill.schedules import make_schedule, make_temperature_schedule
 
-__all__ = ["ComparisonPaths", "Grid", "Variant", "VariantResult", "add_experiment_parser", "cmd_experiment",
-           "count_saved_parameters", "format_cell", "load_grid", "plan_grid", "run_grid", "write_comparison",
-           "write_experiment"]  # fmt: skip
+# format_cell and write_comparison are re-exported: the LLM demo writes its table through this module
+__all__ = ["ComparisonPaths", "Grid", "Variant", "VariantResult", "count_saved_parameters", "format_cell",
+           "load_grid", "plan_grid", "run_grid", "write_comparison", "write_experiment"]  # fmt: skip
 
 GRID_KEYS = ("title", "base", "output_dir", "metrics", "variants")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-MISSING = "—"  # a cell without a value (a failed variant, a metric a run did not report)
 Action = Literal["run", "skip", "resume"]
 
 
@@ -102,16 +102,6 @@ class VariantResult:
     seconds: float | None = None  # run.json's duration of the whole run
     params: int | None = None  # parameters stored in student/*.safetensors
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class ComparisonPaths:
-    """The files :func:`write_comparison` wrote (``png`` is None when no column was plotted) and the table text."""
-
-    markdown: Path
-    csv: Path
-    png: Path | None
-    table: str
 
 
 # ---------------------------------------------------------------- loading
@@ -231,9 +221,6 @@ def _check_names(config: RunConfig) -> None:
             raise ConfigError(f"data.files.{split}: the file {name} does not exist")
     if config.mode != "distill":
         return
-    from kdistill.losses import LOSSES
-    from kdistill.schedules import make_schedule, make_temperature_schedule
-
     spec = config.distill
     LOSSES.entry(spec.kd_loss)
     make_schedule(spec.kd_weight)
@@ -264,8 +251,6 @@ def plan_grid(grid: Grid) -> list[tuple[Variant, Action]]:
         ConfigError: a directory holds a run of a different config, or files that are no run; nothing is
             overwritten, so the message says which key differs and asks to remove the directory.
     """
-    from kdistill.runs.run import run_status
-
     plan: list[tuple[Variant, Action]] = []
     for variant in grid.variants:
         directory = variant.output_dir
@@ -319,8 +304,6 @@ def run_grid(grid: Grid, *, log: Callable[[str], None] | None = None) -> list[Va
     A variant that fails while running is recorded as failed with its error (its run.json says so too) and the
     next one runs; only Ctrl-C stops the grid. The comparison table is written by :func:`write_experiment`.
     """
-    from kdistill.runs.run import run
-
     say = log or (lambda message: None)
     plan = plan_grid(grid)
     results = []
@@ -355,10 +338,10 @@ def _collect(variant: Variant, status: Literal["complete", "skipped"]) -> Varian
     except (OSError, ValueError) as error:
         return VariantResult(variant.name, "failed", directory, variant.overrides, {},
                              error=f"its run directory cannot be read: {error}")  # fmt: skip
-    metrics = {key: value for key, value in scores.items() if _is_number(value)}
+    metrics = {key: value for key, value in scores.items() if is_number(value)}
     seconds = info.get("seconds")
     return VariantResult(variant.name, status, directory, variant.overrides, metrics,
-                         seconds if _is_number(seconds) else None, params)  # fmt: skip
+                         seconds if is_number(seconds) else None, params)  # fmt: skip
 
 
 def count_saved_parameters(directory: str | Path) -> int | None:
@@ -368,8 +351,6 @@ def count_saved_parameters(directory: str | Path) -> int | None:
     directory holds no safetensors file, or only a LoRA adapter (``adapter_config.json``): the adapter's few
     weights are not the model's size, and its base model lives elsewhere.
     """
-    from safetensors import safe_open
-
     files = sorted(Path(directory).glob("*.safetensors"))
     if (Path(directory) / "adapter_config.json").is_file():
         files = [file for file in files if not file.name.startswith("adapter_model")]
@@ -421,154 +402,3 @@ def _metric_columns(requested: Sequence[str] | None, results: Sequence[VariantRe
             matches = [name]
         columns += [key for key in matches if key not in columns]
     return columns, unmatched if found else []
-
-
-def format_cell(value: Any) -> str:
-    """A value as a markdown cell: floats with 4 decimals, None as an em dash, ``|`` escaped, one line."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return MISSING
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value).replace("\n", " ").replace("|", "\\|")
-
-
-def write_comparison(rows: Sequence[Mapping[str, Any]], output_dir: str | Path, metrics: Sequence[str] | None = None,
-                     title: str = "Comparison", *, columns: Sequence[str] | None = None, label: str = "variant",
-                     notes: Sequence[str] = (), stem: str = "experiment") -> ComparisonPaths:  # fmt: skip
-    """Write ``<stem>.md`` (markdown table), ``<stem>.csv`` (the same values, unrounded) and ``<stem>.png``.
-
-    Args:
-        rows: one dict per compared thing (a variant, a model); each must hold ``label``. A row's ``error`` is
-            listed under the table instead of in it (and is a column of the CSV).
-        output_dir: created if needed.
-        metrics: the columns drawn as bar charts, one panel each; None: every column whose values are numbers.
-        title: the markdown heading and the figure's title.
-        columns: the table's columns in order; None: ``label``, then every key in the order the rows first
-            hold it (``error`` aside).
-        label: the key naming each row (the bars' labels).
-        notes: lines written between the heading and the table.
-        stem: the files' name without suffix.
-
-    Returns:
-        The paths written (``png`` None when there is no metric to draw) and the markdown table itself.
-
-    Raises:
-        InvalidArgumentError: no rows, a row without ``label``, or a metric that is no column.
-    """
-    if not rows:
-        raise InvalidArgumentError("write_comparison: rows is empty; there is nothing to compare")
-    for index, row in enumerate(rows):
-        if label not in row:
-            raise InvalidArgumentError(f"write_comparison: row {index} has no {label!r} (keys: {', '.join(row)})")
-    if columns is None:
-        keys = dict.fromkeys(key for row in rows for key in row if key != "error")
-        columns = [label, *(key for key in keys if key != label)]
-    columns = list(columns)
-    if metrics is None:
-        metrics = [c for c in columns[1:] if _numeric_column(rows, c)]
-    for metric in metrics:
-        if metric not in columns:
-            raise InvalidArgumentError(f"write_comparison: metric {metric!r} is not a column ({', '.join(columns)})")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    table = _markdown_table(rows, columns)
-    png = out / f"{stem}.png" if metrics else None
-    lines = [f"# {title}", ""]
-    lines += [*(f"{note}  " for note in notes), ""] if notes else []
-    lines += [table, ""]
-    if png is not None:
-        lines += [f"![{title}]({png.name})", ""]
-    errors = [(row[label], row["error"]) for row in rows if row.get("error")]
-    if errors:
-        lines += ["Errors:", "", *(f"- `{name}`: {format_cell(error)}" for name, error in errors), ""]
-    markdown = out / f"{stem}.md"
-    atomic_write_bytes(markdown, "\n".join(lines).encode())
-
-    csv_columns = [*columns, "error"] if errors and "error" not in columns else columns
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else row[c] for c in csv_columns])
-    csv_path = out / f"{stem}.csv"
-    atomic_write_bytes(csv_path, buffer.getvalue().encode())
-
-    if png is not None:
-        atomic_write_bytes(png, _bar_chart(rows, metrics, label, title))
-    return ComparisonPaths(markdown, csv_path, png, table)
-
-
-def _markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(format_cell(c) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _numeric_column(rows: Sequence[Mapping[str, Any]], column: str) -> bool:
-    values = [row.get(column) for row in rows if row.get(column) is not None]
-    return bool(values) and all(_is_number(v) for v in values)
-
-
-def _bar_chart(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str], label: str, title: str) -> bytes:
-    """One bar panel per metric (Agg canvas on a Figure: the caller's pyplot backend is left alone)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    ncols = min(len(metrics), 3)
-    nrows = math.ceil(len(metrics) / ncols)
-    width = max(3.2, 0.55 * len(rows) + 1.5)
-    figure = Figure(figsize=(width * ncols, 3.4 * nrows + 0.4), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
-    names = [str(row[label]) for row in rows]
-    for ax, metric in zip(axes, metrics, strict=False):
-        values = [row.get(metric) if _is_number(row.get(metric)) else math.nan for row in rows]
-        bars = ax.bar(range(len(rows)), values, color="#4c72b0")
-        ax.bar_label(bars, labels=[format_cell(v) if not math.isnan(v) else "" for v in values], fontsize=7)
-        ax.set_xticks(range(len(rows)), names, rotation=30 if len(rows) > 3 else 0, ha="right" if len(rows) > 3
-                      else "center", fontsize=8)  # fmt: skip
-        ax.set_title(metric, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-        if all(math.isnan(v) for v in values):
-            ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center", va="center", color="#888")
-    for ax in axes[len(metrics) :]:
-        ax.set_visible(False)
-    figure.suptitle(title)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_experiment_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``experiment`` to the ``kdistill`` subcommands (``subparsers`` from ``add_subparsers``)."""
-    parser = subparsers.add_parser("experiment", help="run variants of one base run and write one comparison table")
-    parser.add_argument("grid", help="the grid's YAML file (base run, output_dir, metrics, variants)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the base, for every variant")
-    parser.add_argument("--output-dir", help="replaces the grid's output_dir")
-    parser.set_defaults(func=cmd_experiment)
-    return parser
-
-
-def cmd_experiment(args: argparse.Namespace) -> int:
-    """Validate the grid, run it, write and print the table; 1 when a variant failed, else 0."""
-    grid = load_grid(args.grid, args.overrides, output_dir=getattr(args, "output_dir", None))
-    results = run_grid(grid, log=print)
-    paths = write_experiment(grid, results)
-    print()
-    print(paths.table)
-    written = [paths.markdown, paths.csv, *([paths.png] if paths.png else [])]
-    print(f"\nwritten: {', '.join(str(p) for p in written)}")
-    failed = [r.name for r in results if r.status == "failed"]
-    if failed:
-        print(f"kdistill: {len(failed)} of {len(results)} variants failed: {', '.join(failed)} (errors in "
-              f"{paths.markdown})", file=sys.stderr)  # fmt: skip
-        return 1
-    return 0
