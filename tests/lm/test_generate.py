@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
+from kdistill.cli import generate as generate_cli
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.generation import (
     GenerationParams,
     HFTeacher,
     OpenAITeacher,
-    add_generate_parser,
     generate_dataset,
     meta_path,
     read_prompts,
@@ -65,7 +65,7 @@ def prompts_file(tmp_path: Path) -> Path:
 def run_cli(argv: list[str]) -> int:
     """The real CLI's dispatch for one subcommand: parse, run, a KdistillError is exit code 2."""
     parser = argparse.ArgumentParser(prog="kdistill")
-    add_generate_parser(parser.add_subparsers(dest="command", required=True))
+    generate_cli.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

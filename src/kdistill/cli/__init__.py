@@ -229,12 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     losses.set_defaults(func=_cmd_losses)
 
-    from kdistill.cli import experiment
-    from kdistill.generation import add_generate_parser
+    from kdistill.cli import experiment, generate
     from kdistill.runs.cache import add_cache_parser
 
     experiment.add_parser(commands)
-    add_generate_parser(commands)
+    generate.add_parser(commands)
     add_cache_parser(commands)
     return parser
 
