@@ -2,9 +2,8 @@
 
 from typing import Any
 
+from kdistill._version import __version__
 from kdistill.errors import KdistillError
-
-__version__ = "0.1.0"
 
 __all__ = ["DistillationArguments", "DistillationTrainer", "KdistillError", "__version__"]
 

@@ -1,23 +1,21 @@
 """Teacher outputs cached on disk: top-k log-probabilities per counted position, and the teacher features a run's
-intermediate matches need (see :mod:`kdistill.cache.store` for the layout)."""
+intermediate matches need (see :mod:`kdistill.cache.manifest` for the layout; :mod:`~kdistill.cache.store` writes,
+:mod:`~kdistill.cache.reader` reads, :mod:`~kdistill.cache.batches` lays entries on a batch)."""
 
 from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
-from kdistill.cache.store import (
+from kdistill.cache.manifest import (
     FORMAT_VERSION,
     MANIFEST_FIELDS,
     CacheIncompleteError,
     CacheMismatchError,
-    CacheReader,
     build_manifest,
-    cache_bytes,
     dataset_fingerprint,
-    dense_logprobs,
     num_shards,
     shard_name,
     tokenizer_hash,
-    topk_entries,
-    write_cache,
 )
+from kdistill.cache.reader import CacheReader, cache_bytes, dense_logprobs
+from kdistill.cache.store import topk_entries, write_cache
 
 __all__ = [
     "FORMAT_VERSION",

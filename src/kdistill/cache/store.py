@@ -1,30 +1,4 @@
-"""A teacher-output cache on disk: the top-k log-probabilities of every counted position, in safetensors shards.
-
-Running a large teacher once and reading its outputs many times is what makes offline distillation cheap. The
-cache keeps, for every position a task view counts (:meth:`kd_mask`), the teacher's ``k`` most likely ids, their
-log-probabilities at the cache's temperature, and the ``leftover`` log-mass of all the other ids, so a student's
-loss can be computed without the teacher and without ``(N, T, V)`` floats on disk. When the run's intermediate
-matches need the teacher's hidden states, the cache holds those too (the manifest's ``features``).
-
-Layout of a cache directory (format version 2)::
-
-    manifest.json             what the cache was built from (teacher, tokenizer, data, k, dtype, temperature,
-                              features, ...)
-    shard-00000.safetensors   examples [0, shard_size), then [shard_size, 2 * shard_size), ...
-
-Each shard of ``E`` examples holds:
-
-* ``example_offsets`` (int64 ``(E + 1,)``): the rows of the shard's ``i``-th example are
-  ``[example_offsets[i], example_offsets[i + 1])`` — 8 bytes per example instead of an index on every row;
-* ``position`` (int32 ``(n,)``): which flattened position of the example's padded row each row is;
-* per head ``h``: ``head{h}.ids`` (int32 ``(n, k)``, most likely first), ``head{h}.logprobs`` (``(n, k)`` in the
-  manifest dtype) and ``head{h}.leftover`` (float32 ``(n,)``, ``log(1 - Σ top-k probabilities)``, ``-inf`` when
-  ``k = V``). Rows are in example order, then position order: at ``k = 64`` in float16 a row is
-  4 + 256 + 128 + 4 = 392 bytes (see :func:`cache_bytes`);
-* when the manifest lists ``features`` (teacher feature specs such as ``"layer 4"``): ``feature_offsets`` (int64
-  ``(E + 1,)``) and ``feature.{j}`` (``(m, H_j)`` in the manifest dtype), the teacher's ``j``-th feature at every
-  attended (attention-mask) position of each example, in order. Attended positions are stored, not padded ones, so
-  a batch of any padding (right or left) can lay them out again from its own attention mask.
+"""Writing a teacher-output cache: the teacher run over the examples, its top-k entries stored shard by shard.
 
 Writing is resumable and parallel: shard ``s`` covers the examples ``[s * shard_size, (s + 1) * shard_size)`` and its
 batches start at the shard's first example, so its bytes do not depend on which worker wrote it or whether the run
@@ -32,14 +6,14 @@ was interrupted; worker ``w`` of ``n`` writes the shards with ``s % n == w``; a 
 rename, and a rerun skips the shards that exist and load. The manifest is written first and compared on every
 rerun, so a cache is never extended with outputs of another teacher, temperature or ``k``. A cache written in
 another ``format_version`` is refused when opened, with the advice to rebuild it.
+
+The format (layout, manifest, shard names) is :mod:`kdistill.cache.manifest`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,223 +21,20 @@ from typing import Any
 
 import torch
 
-from kdistill._io import write_json_atomically
-from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
-
-#: 2: per-shard ``example_offsets`` instead of a per-row int64 ``example_index``, int32 ``position``, ``features``.
-FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FIELDS = (
-    "format_version",
-    "kdistill_version",
-    "teacher",
-    "teacher_revision",
-    "tokenizer_hash",
-    "dataset_fingerprint",
-    "k",
-    "dtype",
-    "temperature",
-    "num_examples",
-    "vocab_size",
-    "shard_size",
-    "num_heads",
-    "features",
+from kdistill.cache.manifest import (
+    DTYPES,
+    FORMAT_VERSION,
+    MANIFEST_FIELDS,
+    CacheMismatchError,
+    ensure_manifest,
+    num_shards,
+    shard_keys,
+    shard_name,
 )
-_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-
-
-class CacheMismatchError(InvalidArgumentError):
-    """A cache's manifest differs from what a run expects; the message names the field and both values."""
-
-
-class CacheIncompleteError(KdistillError, FileNotFoundError):
-    """A cache directory lacks its manifest or a shard; the message names the path."""
-
-
-# --------------------------------------------------------------------------------------------------- manifest
-
-
-def build_manifest(
-    *,
-    teacher: str,
-    teacher_revision: str | None,
-    tokenizer_hash: str,
-    dataset_fingerprint: str,
-    k: int,
-    dtype: str,
-    temperature: float,
-    num_examples: int,
-    vocab_size: int,
-    shard_size: int,
-    num_heads: int = 1,
-    features: Sequence[str] = (),
-) -> dict[str, Any]:
-    """The manifest of a cache: everything its contents depend on, validated, in :data:`MANIFEST_FIELDS` order.
-
-    Two caches (or a cache and a run) agree exactly when their manifests are equal, so every input that changes a
-    stored number is a field: the teacher and its revision, the tokenizer and the data (as hashes), ``k``, the
-    stored dtype, the temperature, the sizes, and ``features``: the teacher feature specs (``"layer 4"``,
-    ``"embeddings"``, a module path) whose values the cache holds for the run's intermediate matches, in order (the
-    ``j``-th is ``feature.{j}`` in the shards). ``kdistill_version`` and ``format_version`` are added here.
-    """
-    from kdistill import __version__
-
-    if not isinstance(vocab_size, int) or vocab_size < 1:
-        raise InvalidArgumentError(f"cache vocab_size must be an integer >= 1; got {vocab_size!r}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > vocab_size:
-        raise InvalidArgumentError(f"cache k must be an integer in [1, vocab_size={vocab_size}]; got {k!r}")
-    if dtype not in _DTYPES:
-        raise InvalidArgumentError(f"cache dtype must be one of {sorted(_DTYPES)}; got {dtype!r}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise InvalidArgumentError(f"cache temperature must be a finite number > 0; got {temperature!r}")
-    if not isinstance(num_examples, int) or num_examples < 0:
-        raise InvalidArgumentError(f"cache num_examples must be an integer >= 0; got {num_examples!r}")
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise InvalidArgumentError(f"cache shard_size must be an integer >= 1; got {shard_size!r}")
-    if not isinstance(num_heads, int) or num_heads < 1:
-        raise InvalidArgumentError(f"cache num_heads must be an integer >= 1; got {num_heads!r}")
-    if isinstance(features, str) or not all(isinstance(spec, str) and spec for spec in features):
-        raise InvalidArgumentError(f"cache features must be a list of teacher feature specs; got {features!r}")
-    if len(set(features)) != len(features):
-        raise InvalidArgumentError(f"cache features must not repeat a spec; got {list(features)!r}")
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "kdistill_version": __version__,
-        "teacher": str(teacher),
-        "teacher_revision": teacher_revision,
-        "tokenizer_hash": str(tokenizer_hash),
-        "dataset_fingerprint": str(dataset_fingerprint),
-        "k": k,
-        "dtype": dtype,
-        "temperature": float(temperature),
-        "num_examples": num_examples,
-        "vocab_size": vocab_size,
-        "shard_size": shard_size,
-        "num_heads": num_heads,
-        "features": list(features),
-    }
-    return json.loads(json.dumps(manifest))  # the values exactly as they read back from manifest.json
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's class name and its vocabulary (sorted ``token -> id`` pairs, as JSON).
-
-    Works for any tokenizer with ``get_vocab()`` (every Hugging Face tokenizer); two tokenizers with the same hash
-    map text to the same ids, which is what makes cached ids meaningful for a student.
-    """
-    get_vocab = getattr(tokenizer, "get_vocab", None)
-    if not callable(get_vocab):
-        raise InvalidArgumentError(
-            f"tokenizer_hash needs a tokenizer with get_vocab(); got {type(tokenizer).__name__}"
-        )
-    vocab = sorted((str(token), int(index)) for token, index in get_vocab().items())
-    payload = json.dumps({"class": type(tokenizer).__name__, "vocab": vocab}, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def dataset_fingerprint(examples: Sequence[Mapping[str, Any]]) -> str:
-    """sha256 over the examples' ``input_ids`` in order (each length-prefixed, as int64 little-endian).
-
-    The length prefix keeps ``[1, 2] [3]`` and ``[1] [2, 3]`` apart; the order matters because the cache is
-    addressed by example index.
-    """
-    digest = hashlib.sha256()
-    digest.update(len(examples).to_bytes(8, "little"))
-    for index in range(len(examples)):
-        example = examples[index]
-        ids = example.get("input_ids") if isinstance(example, Mapping) else None
-        if ids is None:
-            raise InvalidArgumentError(f"dataset_fingerprint: example {index} has no 'input_ids'")
-        values = torch.as_tensor(ids).reshape(-1).to(torch.int64)
-        digest.update(values.numel().to_bytes(8, "little"))
-        digest.update(values.numpy().astype("<i8").tobytes())
-    return digest.hexdigest()
-
-
-def _first_difference(found: Mapping[str, Any], expected: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
-    """The first field (manifest order, then any extra fields sorted) whose values differ, or None."""
-    extra = sorted((set(found) | set(expected)) - set(MANIFEST_FIELDS))
-    for field in (*MANIFEST_FIELDS, *extra):
-        if field not in expected and field not in found:
-            continue
-        left, right = found.get(field, "<missing>"), expected.get(field, "<missing>")
-        if left != right:
-            return field, left, right
-    return None
-
-
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise CacheIncompleteError(f"no teacher cache at {directory}: {MANIFEST_NAME} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CacheIncompleteError(f"the cache manifest {path} cannot be read: {error}") from error
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:  # before any other field: an old cache lacks fields that are not its fault
-        raise CacheMismatchError(
-            f"the cache at {directory} has format_version {version!r} but this kdistill reads format_version "
-            f"{FORMAT_VERSION}; rebuild the cache with `kdistill cache` (into another directory, or delete this one)"
-        )
-    missing = [field for field in MANIFEST_FIELDS if field not in manifest]
-    if missing:
-        raise CacheMismatchError(f"the cache manifest {path} lacks the field {missing[0]!r}")
-    return manifest
-
-
-def _ensure_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
-    """Write ``manifest.json`` (atomically) or check that the one there is equal, naming the first difference."""
-    path = directory / MANIFEST_NAME
-    if path.exists():
-        found = _read_manifest(directory)
-        difference = _first_difference(found, manifest)
-        if difference is not None:
-            field, left, right = difference
-            raise CacheMismatchError(
-                f"cache manifest field {field!r} is {left!r} in {path} but the run has {right!r}; "
-                "use another directory or delete this cache"
-            )
-        return
-    write_json_atomically(path, manifest)
-
-
-# --------------------------------------------------------------------------------------------------- writing
-
-
-def shard_name(shard: int) -> str:
-    """The file name of shard ``shard``."""
-    return f"shard-{shard:05d}.safetensors"
-
-
-def num_shards(manifest: Mapping[str, Any]) -> int:
-    """How many shards a cache with this manifest has (``ceil(num_examples / shard_size)``)."""
-    return -(-int(manifest["num_examples"]) // int(manifest["shard_size"]))
-
-
-def _shard_loads(path: Path, manifest: Mapping[str, Any]) -> bool:
-    """True when ``path`` is a readable shard with every expected tensor, ``k`` wide (a torn file is rewritten)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return False
-    num_heads, k = int(manifest["num_heads"]), int(manifest["k"])
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-            widths = {handle.get_slice(f"head{h}.ids").get_shape()[-1] for h in range(num_heads)} if keys else set()
-    except Exception:  # any unreadable file is simply not a finished shard
-        return False
-    return _shard_keys(manifest) <= keys and widths == {k}
-
-
-def _shard_keys(manifest: Mapping[str, Any]) -> set[str]:
-    """The names of the tensors every shard of a cache with this manifest holds."""
-    keys = {"example_offsets", "position"}
-    keys |= {f"head{h}.{name}" for h in range(int(manifest["num_heads"])) for name in ("ids", "logprobs", "leftover")}
-    if manifest["features"]:
-        keys |= {"feature_offsets"} | {f"feature.{j}" for j in range(len(manifest["features"]))}
-    return keys
+from kdistill.core.batch import model_inputs
+from kdistill.core.views import attention_mask_of, teacher_inputs
+from kdistill.errors import InvalidArgumentError, ShapeMismatchError
+from kdistill.features import FeatureTap
 
 
 def topk_entries(
@@ -300,10 +71,6 @@ def _collate_and_run(
     The features are captured with the same hooks (:class:`~kdistill.features.FeatureTap`, ``"hidden"`` kind) a
     live :class:`~kdistill.distillers.Distiller` uses on its teacher, so a cached feature is the live one.
     """
-    from kdistill.core.batch import model_inputs
-    from kdistill.core.views import teacher_inputs
-    from kdistill.features import FeatureTap
-
     batch = collate(chunk)
     inputs = teacher_inputs(_to_device(batch, device))
     sources = {f"feature.{j}": spec for j, spec in enumerate(features)}
@@ -327,8 +94,6 @@ def attended_positions(batch: Mapping[str, Any], length: int) -> torch.Tensor:
     Without an attention mask every position counts. Shared by the writer and
     :class:`~kdistill.cache.CachedTeacherCollate`, so both agree on which rows a feature has.
     """
-    from kdistill.core.views import attention_mask_of, teacher_inputs
-
     inputs = teacher_inputs(batch)
     mask = attention_mask_of(inputs)
     if mask is None:
@@ -360,7 +125,7 @@ def _shard_tensors(
 ) -> dict[str, torch.Tensor]:
     """Run the teacher over examples ``[start, stop)`` in batches from ``start`` and gather the shard's tensors."""
     k, temperature, vocab = int(manifest["k"]), float(manifest["temperature"]), int(manifest["vocab_size"])
-    num_heads, dtype, features = int(manifest["num_heads"]), _DTYPES[manifest["dtype"]], list(manifest["features"])
+    num_heads, dtype, features = int(manifest["num_heads"]), DTYPES[manifest["dtype"]], list(manifest["features"])
     count_parts: list[torch.Tensor] = []
     position_parts: list[torch.Tensor] = []
     head_parts: list[dict[str, list[torch.Tensor]]] = [
@@ -443,6 +208,22 @@ def _cat(parts: list[torch.Tensor], empty_shape: tuple[int, ...], dtype: torch.d
     return torch.cat(parts).contiguous() if parts else torch.empty(empty_shape, dtype=dtype)
 
 
+def _shard_loads(path: Path, manifest: Mapping[str, Any]) -> bool:
+    """True when ``path`` is a readable shard with every expected tensor, ``k`` wide (a torn file is rewritten)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    num_heads, k = int(manifest["num_heads"]), int(manifest["k"])
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            widths = {handle.get_slice(f"head{h}.ids").get_shape()[-1] for h in range(num_heads)} if keys else set()
+    except Exception:  # any unreadable file is simply not a finished shard
+        return False
+    return shard_keys(manifest) <= keys and widths == {k}
+
+
 def write_cache(
     directory: str | os.PathLike[str],
     teacher: torch.nn.Module,
@@ -484,8 +265,8 @@ def write_cache(
         )
     if int(manifest["k"]) < 1 or int(manifest["k"]) > int(manifest["vocab_size"]):
         raise InvalidArgumentError(f"cache k must be in [1, vocab_size={manifest['vocab_size']}]; got {manifest['k']}")
-    if manifest["dtype"] not in _DTYPES:
-        raise InvalidArgumentError(f"cache dtype must be one of {sorted(_DTYPES)}; got {manifest['dtype']!r}")
+    if manifest["dtype"] not in DTYPES:
+        raise InvalidArgumentError(f"cache dtype must be one of {sorted(DTYPES)}; got {manifest['dtype']!r}")
     if len(examples) != int(manifest["num_examples"]):
         raise ShapeMismatchError(
             f"write_cache got {len(examples)} examples but the cache manifest has num_examples="
@@ -501,7 +282,7 @@ def write_cache(
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    _ensure_manifest(directory, manifest)
+    ensure_manifest(directory, manifest)
     if device is not None:
         teacher.to(device)
         target = torch.device(device)
@@ -534,158 +315,3 @@ def write_cache(
     finally:
         teacher.train(was_training)
     return directory
-
-
-# --------------------------------------------------------------------------------------------------- reading
-
-
-class CacheReader:
-    """Read a teacher cache: shards opened lazily and memory-mapped, one example's entries at a time.
-
-    ``get(i)`` finds example ``i``'s shard (``i // shard_size``) and its rows there through the shard's stored
-    ``example_offsets``, then reads only those rows; ``get_features(i)`` does the same for the stored teacher
-    features.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = Path(directory)
-        self.manifest = _read_manifest(self.directory)
-        self._handles: dict[int, Any] = {}
-        self._offsets: dict[tuple[int, str], torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return int(self.manifest["num_examples"])
-
-    @property
-    def num_shards(self) -> int:
-        return num_shards(self.manifest)
-
-    @property
-    def features(self) -> list[str]:
-        """The teacher feature specs the cache holds (``feature.{j}`` is the ``j``-th), possibly none."""
-        return list(self.manifest["features"])
-
-    def examples_in(self, shard: int) -> range:
-        """The example indices shard ``shard`` covers."""
-        if not 0 <= shard < self.num_shards:
-            raise InvalidArgumentError(f"shard must be in [0, {self.num_shards}); got {shard}")
-        size = int(self.manifest["shard_size"])
-        return range(shard * size, min((shard + 1) * size, len(self)))
-
-    def is_complete(self) -> bool:
-        """True when every shard file is present."""
-        return all((self.directory / shard_name(s)).is_file() for s in range(self.num_shards))
-
-    def check_against(self, expected: Mapping[str, Any]) -> None:
-        """Raise :class:`CacheMismatchError` naming the first manifest field that differs from ``expected``."""
-        normalized = json.loads(json.dumps(dict(expected)))
-        difference = _first_difference(self.manifest, normalized)
-        if difference is not None:
-            field, left, right = difference
-            raise CacheMismatchError(f"cache manifest field {field!r} is {left!r} but the run has {right!r}")
-
-    def _handle(self, shard: int) -> Any:
-        from safetensors import safe_open
-
-        if shard not in self._handles:
-            path = self.directory / shard_name(shard)
-            if not path.is_file():
-                raise CacheIncompleteError(
-                    f"shard {shard} of the cache at {self.directory} is missing ({path.name}); rerun write_cache"
-                )
-            handle = safe_open(str(path), framework="pt")
-            missing = sorted(_shard_keys(self.manifest) - set(handle.keys()))
-            if missing:
-                raise CacheIncompleteError(f"{path} lacks the tensor {missing[0]!r}; delete it and rerun write_cache")
-            expected = len(self.examples_in(shard)) + 1
-            for name in ("example_offsets", "feature_offsets") if self.manifest["features"] else ("example_offsets",):
-                offsets = handle.get_tensor(name)
-                if tuple(offsets.shape) != (expected,):
-                    raise CacheMismatchError(
-                        f"{path}: {name} has shape {tuple(offsets.shape)} but the shard covers {expected - 1} examples"
-                        f" (expected ({expected},)); delete it and rerun write_cache"
-                    )
-                self._offsets[shard, name] = offsets
-            self._handles[shard] = handle
-        return self._handles[shard]
-
-    def _rows(self, example_index: Any, offsets: str) -> tuple[Any, int, int]:
-        """``(shard handle, begin, end)``: where example ``example_index``'s rows lie under ``offsets``."""
-        if isinstance(example_index, bool) or not hasattr(example_index, "__index__"):
-            raise InvalidArgumentError(f"example_index must be an integer; got {example_index!r}")
-        example_index = operator.index(example_index)
-        if not 0 <= example_index < len(self):
-            raise InvalidArgumentError(f"example_index must be in [0, {len(self)}); got {example_index!r}")
-        size = int(self.manifest["shard_size"])
-        shard = example_index // size
-        handle = self._handle(shard)
-        local = example_index - shard * size
-        begin, end = (int(v) for v in self._offsets[shard, offsets][local : local + 2])
-        return handle, begin, end
-
-    def get(self, example_index: int) -> list[dict[str, torch.Tensor]]:
-        """One example's entries, a dict per head: ``ids``, ``logprobs``, ``leftover`` and ``position`` (int64)."""
-        handle, begin, end = self._rows(example_index, "example_offsets")
-        position = handle.get_slice("position")[begin:end].to(torch.int64)
-        return [
-            {
-                "ids": handle.get_slice(f"head{h}.ids")[begin:end],
-                "logprobs": handle.get_slice(f"head{h}.logprobs")[begin:end],
-                "leftover": handle.get_slice(f"head{h}.leftover")[begin:end],
-                "position": position,
-            }
-            for h in range(int(self.manifest["num_heads"]))
-        ]
-
-    def get_features(self, example_index: int) -> list[torch.Tensor]:
-        """One example's stored teacher features: per spec of :attr:`features`, ``(attended positions, hidden)``."""
-        if not self.manifest["features"]:
-            raise InvalidArgumentError(f"the cache at {self.directory} holds no teacher features (manifest features)")
-        handle, begin, end = self._rows(example_index, "feature_offsets")
-        return [handle.get_slice(f"feature.{j}")[begin:end] for j in range(len(self.manifest["features"]))]
-
-
-def cache_bytes(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """What a cache costs on disk: ``{"shard_bytes", "positions", "bytes_per_position", "examples", "shards"}``.
-
-    ``shard_bytes`` is the total size of the shard files present (headers, offsets and features included),
-    ``positions`` the number of cached (counted) positions in them, and ``bytes_per_position`` their ratio (0 when
-    nothing is cached): the number a benchmark reports. Only the shards' headers are read.
-    """
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    manifest = _read_manifest(directory)
-    total = positions = shards = 0
-    for shard in range(num_shards(manifest)):
-        path = directory / shard_name(shard)
-        if not path.is_file():
-            continue
-        total += path.stat().st_size
-        shards += 1
-        with safe_open(str(path), framework="pt") as handle:
-            positions += int(handle.get_slice("position").get_shape()[0])
-    return {
-        "shard_bytes": total,
-        "positions": positions,
-        "bytes_per_position": total / positions if positions else 0.0,
-        "examples": int(manifest["num_examples"]),
-        "shards": shards,
-    }
-
-
-def dense_logprobs(entry: Mapping[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """Dense ``(n, V)`` float32 log-probabilities from one head's cached entry (a reference, for tests and checks).
-
-    The top-k ids get their stored log-probabilities; the leftover mass is spread uniformly over the other
-    ``V - k`` ids (``leftover - log(V - k)`` each), the maximum-entropy completion of what the cache knows. With
-    ``k = V`` this is the full distribution exactly. Losses on cached outputs should use the sparse entries; this
-    materializes ``n × V`` floats.
-    """
-    ids, logprobs, leftover = entry["ids"].long(), entry["logprobs"].float(), entry["leftover"].float()
-    k = ids.shape[-1]
-    if k > vocab_size:
-        raise ShapeMismatchError(f"the entry has k={k} ids but vocab_size is {vocab_size}")
-    fill = torch.full(leftover.shape, -math.inf) if k == vocab_size else leftover - math.log(vocab_size - k)
-    dense = fill.unsqueeze(-1).expand(*leftover.shape, vocab_size).clone()
-    return dense.scatter_(-1, ids, logprobs)

@@ -48,7 +48,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from kdistill.runs.cache_checks import cached_feature_specs
-    from kdistill.cache.store import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
+    from kdistill.cache import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
     from kdistill.config import load_config
     from kdistill.runs.parts import build_objective, build_parts
 

@@ -51,7 +51,7 @@ def open_run_cache(config: Any, parts: Any, *, features: list[str] | tuple[str, 
     :class:`~kdistill.cache.CacheIncompleteError`, before anything of the run is written. The engine's cached runs
     and the causal-LM runs (the Trainer path) both check their cache here.
     """
-    from kdistill.cache.store import (
+    from kdistill.cache import (
         CacheIncompleteError,
         CacheReader,
         build_manifest,
