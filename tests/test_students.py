@@ -12,14 +12,8 @@ from conftest import make_batch, make_causal_batch, make_tiny_bert, make_tiny_ll
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import InvalidArgumentError, UnknownNameError
 from kdistill.features import FeatureTap, resolve_feature
-from kdistill.models.students import (
-    BiRNNClassifier,
-    BiRNNConfig,
-    build_student,
-    from_teacher,
-    shrink,
-    uniform_layers,
-)
+from kdistill.models.birnn import BiRNNClassifier, BiRNNConfig
+from kdistill.models.students import build_student, from_teacher, shrink, uniform_layers
 
 
 def _outputs(model: torch.nn.Module, batch: dict) -> torch.Tensor:
