@@ -1,17 +1,19 @@
 """``kdistill generate``: the teacher completes prompts into a resumable jsonl (black-box distillation data).
 
 The work is :func:`kdistill.generation.generate_dataset`; this module parses, builds the teacher the flags name and
-prints what was written. :mod:`kdistill.generation` imports torch only when a local teacher loads, so it is imported
-at module level.
+prints what was written.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from kdistill.errors import InvalidArgumentError
-from kdistill.generation import GenerationParams, HFTeacher, OpenAITeacher, Teacher, generate_dataset
+
+if TYPE_CHECKING:
+    from kdistill.generation import Teacher
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
@@ -50,6 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace) -> int:
     """Run :func:`~kdistill.generation.generate_dataset` from parsed arguments; 0 on success."""
+    # kdistill.generation is imported here and below so that `kdistill --help` does not import torch
+    from kdistill.generation import GenerationParams, generate_dataset
+
     params = GenerationParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -78,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _teacher_from_args(args: argparse.Namespace) -> Teacher:
     """The teacher ``--backend`` names, refusing flags that belong to the other backend."""
+    from kdistill.generation import HFTeacher, OpenAITeacher
+
     if args.backend == "openai":
         if args.gguf_file:
             raise InvalidArgumentError("--gguf-file applies to --backend hf only")

@@ -9,8 +9,11 @@ import urllib.error
 import urllib.request
 from typing import Any, Protocol
 
+import torch
+
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.generation.prompts import GenerationParams, Message, Prompt
+from kdistill.models.loading import ModelLoadError, load_tokenizer, resolve_model_path
 
 
 class Teacher(Protocol):
@@ -51,17 +54,18 @@ class HFTeacher:
     def _load(self) -> None:
         if self._model is not None:
             return
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from kdistill.runs.run import ModelLoadError, resolve_model_path
+        from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(self.path, "teacher")
         extra: dict[str, Any] = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        # the model is not read by loading.load_model, which fixes one torch dtype: generation keeps the checkpoint's
+        # own ("auto", bf16 on a GPU for most LLMs) and de-quantizes a GGUF file to float32
         dtype: Any = torch.float32 if self.gguf_file else "auto"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            tokenizer = load_tokenizer(path, "teacher", gguf_file=self.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
+        except ModelLoadError:  # the tokenizer's, already naming the field and the path
+            raise
         except (OSError, ValueError, ImportError) as error:
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise ModelLoadError(f"teacher: cannot load {self.path!r} as a causal LM ({reason[:200]})") from None
@@ -84,8 +88,6 @@ class HFTeacher:
         return "\n\n".join(turn["content"] for turn in messages)
 
     def generate(self, prompts: list[Prompt], params: GenerationParams, batch_index: int) -> list[list[str]]:
-        import torch
-
         self._load()
         model, tokenizer = self._model, self._tokenizer
         texts = [self.render(prompt.messages) for prompt in prompts]
