@@ -26,6 +26,7 @@ from kdistill.losses._common import (
     check_temperature,
     compute_dtype,
 )
+from kdistill.losses._lookup import LOSSES
 
 DivergenceFn = Callable[..., torch.Tensor]
 
@@ -378,8 +379,6 @@ def _scatter_rows(grad_rows: torch.Tensor, counted_index: torch.Tensor | None, s
 
 
 def _resolve_divergence(divergence: str | DivergenceFn) -> DivergenceFn:
-    from kdistill.losses.registry import LOSSES  # here, not at import time: the registry imports this package
-
     if callable(divergence):
         return divergence
     if not isinstance(divergence, str):

@@ -31,6 +31,7 @@ import torch
 
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError, VocabMismatchError
 from kdistill.losses._common import check_mask, check_reduction, check_temperature, compute_dtype, reduce_positions
+from kdistill.losses._lookup import LOSSES
 
 Offsets = Sequence[tuple[int, int]] | Sequence[Sequence[int]] | torch.Tensor
 Group = tuple[list[int], list[int]]
@@ -216,15 +217,13 @@ def align_by_offsets(student_offsets: Offsets, teacher_offsets: Offsets) -> list
 
 
 def _resolve_method(method: str | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor] | None:
-    """None for ULD; otherwise the registered divergence (imported here: the registry imports this package)."""
+    """None for ULD; otherwise the divergence ``method`` names in :data:`~kdistill.losses.LOSSES` (or is)."""
     if method == "uld":
         return None
     if callable(method):
         return method
     if not isinstance(method, str):
         raise InvalidArgumentError(f"method must be 'uld' or a divergence name, got {method!r}")
-    from kdistill.losses.registry import LOSSES
-
     entry = LOSSES.entry(method) if method in LOSSES else None
     if entry is None or entry.kind != "divergence":
         raise InvalidArgumentError(

@@ -3,21 +3,21 @@
 Kinds: ``"divergence"`` (student vs teacher logits, see :mod:`kdistill.losses.divergences`), ``"hard"`` (logits vs
 labels), ``"feature"`` (hidden states or attention maps, see :mod:`kdistill.losses.features`) and
 ``"cross_tokenizer"`` (logits over different vocabularies, see :mod:`kdistill.losses.cross_tokenizer`).
+
+This module imports the loss modules and registers the built-in losses; the table itself lives in
+:mod:`kdistill.losses._lookup`, below the loss modules, where those taking a divergence by name look it up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from kdistill.losses import cross_tokenizer as _xtok
 from kdistill.losses import divergences as _div
 from kdistill.losses import features as _feat
-from kdistill.registry import Registry
+from kdistill.losses._lookup import LOSSES, LossFn
 
-LossFn = Callable[..., Any]
-
-LOSSES: Registry[LossFn] = Registry("loss")
+__all__ = ["LOSSES", "LossFn", "get_loss", "register_loss"]
 
 LOSSES.register("forward_kl", _div.forward_kl, kind="divergence", aliases=("kl", "kd_kl"))
 LOSSES.register("reverse_kl", _div.reverse_kl, kind="divergence", aliases=("rkl",))
