@@ -11,7 +11,8 @@ from kdistill.tasks.base import Task, evaluate_task, make_batches, predict_logit
 from kdistill.tasks.causal_lm import CausalLMTask, CausalLMView, evaluate_lm, lm_agreement
 from kdistill.tasks.classification import SequenceClassificationTask
 from kdistill.tasks.qa import QAView, QuestionAnsweringTask
-from kdistill.tasks.token import TokenClassificationTask, align_labels, read_conll
+from kdistill.tasks.token import TokenClassificationTask, read_conll
+from kdistill.tasks.token_examples import align_labels
 
 TASKS: Registry[type] = Registry("task")
 TASKS.register("sequence", SequenceClassificationTask, aliases=("classification", "sequence_classification"))

@@ -16,6 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from kdistill.core.batch import model_inputs
+from kdistill.core.views import student_inputs, teacher_inputs
+from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import InvalidArgumentError
 
 ENCODE_CHUNK = 1000  # rows tokenized per tokenizer call
@@ -192,8 +195,6 @@ def chunks(count: int, size: int = ENCODE_CHUNK) -> Iterator[range]:
 
 def require_fast(tokenizer: Any, what: str) -> None:
     """Fail unless ``tokenizer`` maps tokens back to words / characters (fast HF tokenizers, WordTokenizer)."""
-    from kdistill.data.word_tokenizer import WordTokenizer
-
     if not isinstance(tokenizer, WordTokenizer) and not getattr(tokenizer, "is_fast", False):
         raise InvalidArgumentError(
             f"{what} needs a fast tokenizer (one with word_ids and offsets); got {type(tokenizer).__name__}"
@@ -235,9 +236,6 @@ def iter_logits(
     Eval mode, no gradients; the model's mode is restored when the iteration ends. For outputs too large to keep
     for a whole split (a causal LM's ``(B, T, V)`` logits), reduce each batch as it comes.
     """
-    from kdistill.core.batch import model_inputs
-    from kdistill.core.views import student_inputs, teacher_inputs
-
     if inputs not in ("student", "teacher"):
         raise InvalidArgumentError(f"inputs must be 'student' or 'teacher', got {inputs!r}")
     pick = student_inputs if inputs == "student" else teacher_inputs

@@ -13,6 +13,7 @@ from torch import nn
 from kdistill.core.views import SequenceView
 from kdistill.data.collate import PadCollator
 from kdistill.errors import InvalidArgumentError
+from kdistill.eval.metrics import accuracy, macro_f1
 from kdistill.tasks.base import (
     IGNORE_INDEX,
     chunks,
@@ -145,8 +146,6 @@ class SequenceClassificationTask:
             batches: the batches the logits came from (their ``labels``).
             examples_meta: unused (the labels travel in the batches).
         """
-        from kdistill.eval.metrics import accuracy, macro_f1
-
         predictions: list[int] = []
         golds: list[int] = []
         for logits, batch in zip(logits_per_batch, batches, strict=True):

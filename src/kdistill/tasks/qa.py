@@ -19,6 +19,7 @@ from torch import nn
 from kdistill.core.views import student_inputs
 from kdistill.data.collate import PadCollator
 from kdistill.errors import InvalidArgumentError
+from kdistill.eval.metrics import squad_scores
 from kdistill.tasks.base import (
     chunks,
     column_values,
@@ -244,8 +245,6 @@ class QuestionAnsweringTask:
             batches: the batches the logits came from.
             examples_meta: the source rows (the dataset given to :meth:`preprocess`): contexts and answers.
         """
-        from kdistill.eval.metrics import squad_scores
-
         if examples_meta is None:
             raise InvalidArgumentError("QA scoring needs examples_meta: the source rows with contexts and answers")
         ids = sorted({example_id for batch in batches for example_id in rows_of(batch)})
