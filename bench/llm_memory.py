@@ -64,7 +64,7 @@ def _model(layers: int, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def run_case(chunk_size: int, ce_weight: float, reps: int) -> dict[str, Any]:
+def run_case(chunk_size: int, hard_weight: float, reps: int) -> dict[str, Any]:
     """One case in this process: ``chunk_size`` 0 is the plain path. Returns peak RSS growth and median times."""
     torch.set_num_threads(THREADS)
     student, teacher = _model(1, seed=1).train(), _model(2, seed=0).eval().requires_grad_(False)
@@ -81,11 +81,11 @@ def run_case(chunk_size: int, ce_weight: float, reps: int) -> dict[str, Any]:
             student,
             teacher,
             batch,
-            ce_weight=ce_weight,
+            hard_weight=hard_weight,
             chunked=chunk_size > 0,
             chunk_size=max(chunk_size, 1),
         )
-        loss = sums.kd_sum if sums.ce_sum is None else sums.kd_sum + ce_weight * sums.ce_sum
+        loss = sums.kd_sum if sums.hard_sum is None else sums.kd_sum + hard_weight * sums.hard_sum
         (loss / sums.count).backward()
         del sums, loss
         return time.perf_counter() - start
@@ -96,11 +96,11 @@ def run_case(chunk_size: int, ce_weight: float, reps: int) -> dict[str, Any]:
     return {"peak_bytes": _peak_rss_bytes() - baseline, "seconds": statistics.median(times), "times": times}
 
 
-def _spawn(chunk_size: int, ce_weight: float) -> dict[str, Any]:
+def _spawn(chunk_size: int, hard_weight: float) -> dict[str, Any]:
     quietest: dict[str, Any] | None = None
     for _ in range(ATTEMPTS):
         _wait_for_quiet(60.0)  # this machine is shared: wait a minute at most, then measure and report the load
-        command = [sys.executable, __file__, "--case", str(chunk_size), "--ce-weight", str(ce_weight)]
+        command = [sys.executable, __file__, "--case", str(chunk_size), "--hard-weight", str(hard_weight)]
         print("  running", " ".join(command[2:]), flush=True)
         busy_before, total_before = _cpu_ticks()
         own_before = _children_cpu_seconds()
@@ -129,14 +129,14 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     verdicts = []
-    for ce_weight, terms in ((0.0, "KD"), (0.5, "KD + 0.5·CE")):
+    for hard_weight, terms in ((0.0, "KD"), (0.5, "KD + 0.5·CE")):
         print(f"{terms}: V = {VOCAB}, B × T = {BATCH} × {SEQ}, hidden {HIDDEN}")
-        plain = _spawn(0, ce_weight)
+        plain = _spawn(0, hard_weight)
         lines.append(
             f"| {terms} | plain | – | {plain['peak_bytes'] / MIB:.0f} MiB | {plain['seconds']:.2f} s | "
             f"{plain['others']:.0%} | 1 | 1 |"
         )
-        chunked = {chunk: _spawn(chunk, ce_weight) for chunk in CHUNK_SIZES}
+        chunked = {chunk: _spawn(chunk, hard_weight) for chunk in CHUNK_SIZES}
         for chunk, result in chunked.items():
             memory, speed = result["peak_bytes"] / plain["peak_bytes"], result["seconds"] / plain["seconds"]
             lines.append(
@@ -176,10 +176,10 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", type=int, help="run one case in this process: chunk size, 0 = plain (internal)")
-    parser.add_argument("--ce-weight", type=float, default=0.0)
+    parser.add_argument("--hard-weight", type=float, default=0.0)
     parser.add_argument("--reps", type=int, default=REPS)
     args = parser.parse_args()
     if args.case is None:
         main()
     else:
-        print(json.dumps(run_case(args.case, args.ce_weight, args.reps)))
+        print(json.dumps(run_case(args.case, args.hard_weight, args.reps)))

@@ -7,7 +7,10 @@ from kdistill.errors import KdistillError
 
 __all__ = ["DistillationArguments", "DistillationTrainer", "KdistillError", "__version__"]
 
-_LAZY = {"DistillationArguments": "kdistill.integrations.hf", "DistillationTrainer": "kdistill.integrations.hf"}
+_LAZY = {
+    "DistillationArguments": "kdistill.integrations.arguments",
+    "DistillationTrainer": "kdistill.integrations.trainer",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from kdistill.core.shift import counted_next_tokens
-from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
+from kdistill.integrations import DistillationArguments, DistillationTrainer
 
 SEQ = 10
 VOCAB = 128
@@ -130,7 +130,7 @@ def main() -> None:
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         temperature=2.0,
-        ce_weight=0.5,
+        hard_weight=0.5,
         average_tokens_across_devices=not options.no_average_tokens,
     )
     trainer = RecordingTrainer(

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_llama, make_tiny_qwen
 from kdistill.distillers.lm_loss import causal_lm_loss_sums
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
+from kdistill.integrations import DistillationArguments, DistillationTrainer
 
 SEQ = 10
 FAMILIES = {"llama": make_tiny_llama, "qwen": make_tiny_qwen}
@@ -115,7 +115,7 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_trains_with_each_divergence(tmp_path: Path, family: str, loss: str, kwargs: dict | None) -> None:
     student, teacher = _models(family)
     before = _params(student)
-    args = _args(tmp_path, loss=loss, divergence_kwargs=kwargs, ce_weight=0.5, temperature=2.0)
+    args = _args(tmp_path, kd_loss=loss, kd_kwargs=kwargs, hard_weight=0.5, temperature=2.0)
     logs = _train_logs(_trainer(student, teacher, args))
     assert len(logs) == 2
     for entry in logs:
@@ -132,7 +132,7 @@ def test_bf16_autocast_step_is_close_to_float32(tmp_path: Path, chunked: bool) -
     losses = {}
     for bf16 in (False, True):
         student, teacher = _models("llama")
-        args = _args(tmp_path / str(bf16), max_steps=1, bf16=bf16, chunked_loss=chunked, chunk_size=8, ce_weight=0.5)
+        args = _args(tmp_path / str(bf16), max_steps=1, bf16=bf16, chunked_loss=chunked, chunk_size=8, hard_weight=0.5)
         losses[bf16] = _train_logs(_trainer(student, teacher, args, train_dataset=_examples(4)))[0]["loss"]
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
 
@@ -141,7 +141,7 @@ def test_sft_without_a_teacher_logs_the_mean_token_cross_entropy(tmp_path: Path)
     student, _ = _models("llama")
     reference = copy.deepcopy(student)
     examples = _examples(4)
-    logs = _train_logs(_trainer(student, None, _args(tmp_path, max_steps=1, kd_weight=0.0, ce_weight=1.0),
+    logs = _train_logs(_trainer(student, None, _args(tmp_path, max_steps=1, kd_weight=0.0, hard_weight=1.0),
                                 train_dataset=examples))  # fmt: skip
     batch = _stack(examples)
     with torch.no_grad():
@@ -159,17 +159,17 @@ def test_logged_loss_equals_the_library_on_the_same_batch(tmp_path: Path, chunke
     student, teacher = _models("qwen")
     reference_student = copy.deepcopy(student)
     examples = _examples(4)
-    args = _args(tmp_path, max_steps=1, loss="generalized_jsd", divergence_kwargs={"beta": 0.3}, temperature=1.5,
-                 ce_weight=0.25, kd_weight=2.0, chunked_loss=chunked, chunk_size=5)  # fmt: skip
+    args = _args(tmp_path, max_steps=1, kd_loss="generalized_jsd", kd_kwargs={"beta": 0.3}, temperature=1.5,
+                 hard_weight=0.25, kd_weight=2.0, chunked_loss=chunked, chunk_size=5)  # fmt: skip
     logs = _train_logs(_trainer(student, teacher, args, train_dataset=examples))
     sums = causal_lm_loss_sums(
         reference_student, teacher, _stack(examples), divergence="generalized_jsd", temperature=1.5,
-        ce_weight=0.25, divergence_kwargs={"beta": 0.3},
+        hard_weight=0.25, kd_kwargs={"beta": 0.3},
     )  # fmt: skip
-    expected = (2.0 * 1.5**2 * sums.kd_sum + 0.25 * sums.ce_sum) / sums.count
+    expected = (2.0 * 1.5**2 * sums.kd_sum + 0.25 * sums.hard_sum) / sums.count
     assert logs[0]["loss"] == pytest.approx(float(expected.detach()), rel=1e-5)
     assert logs[0]["kd_loss"] == pytest.approx(float(sums.kd_sum.detach()) / sums.count, rel=1e-5)
-    assert logs[0]["ce_loss"] == pytest.approx(float(sums.ce_sum.detach()) / sums.count, rel=1e-5)
+    assert logs[0]["ce_loss"] == pytest.approx(float(sums.hard_sum.detach()) / sums.count, rel=1e-5)
 
 
 def test_accumulation_4x2_equals_1x8(tmp_path: Path) -> None:
@@ -180,7 +180,7 @@ def test_accumulation_4x2_equals_1x8(tmp_path: Path) -> None:
     for batch, accumulation in ((8, 1), (2, 4)):
         student, teacher = _models()
         args = _args(tmp_path / f"{batch}", max_steps=1, per_device_train_batch_size=batch,
-                     gradient_accumulation_steps=accumulation, ce_weight=0.5, learning_rate=1.0)  # fmt: skip
+                     gradient_accumulation_steps=accumulation, hard_weight=0.5, learning_rate=1.0)  # fmt: skip
         logs = _train_logs(_trainer(student, teacher, args, train_dataset=examples))
         results.append((logs[0]["loss"], _params(student)))
     (loss_full, params_full), (loss_accumulated, params_accumulated) = results
@@ -198,7 +198,7 @@ def test_accumulation_4x2_equals_1x8(tmp_path: Path) -> None:
 @pytest.mark.parametrize("vocab_policy", ["truncate", "pad"])
 def test_vocab_policies_train(tmp_path: Path, vocab_policy: str) -> None:
     student, teacher = _models(student_vocab=120)
-    logs = _train_logs(_trainer(student, teacher, _args(tmp_path, vocab_policy=vocab_policy, ce_weight=1.0)))
+    logs = _train_logs(_trainer(student, teacher, _args(tmp_path, vocab_policy=vocab_policy, hard_weight=1.0)))
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
 
 
@@ -216,7 +216,7 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(tmp_path: Path) -> None:
     results = []
     for chunked in (False, True):
         student, teacher = _models()
-        trainer = _trainer(student, teacher, _args(tmp_path, chunked_loss=chunked, chunk_size=3, ce_weight=1.0))
+        trainer = _trainer(student, teacher, _args(tmp_path, chunked_loss=chunked, chunk_size=3, hard_weight=1.0))
         student.train()
         loss = trainer.compute_loss(student, dict(batch), num_items_in_batch=torch.tensor(17))
         loss.backward()
@@ -276,14 +276,14 @@ def test_peft_teacher_is_used_with_its_adapters(tmp_path: Path) -> None:
 def test_on_policy_loss_is_computed_on_the_students_samples(tmp_path: Path) -> None:
     student, teacher = _models()
     reference_student = copy.deepcopy(student)
-    args = _args(tmp_path, max_steps=1, on_policy_fraction=1.0, on_policy_max_new_tokens=5, ce_weight=0.5)
+    args = _args(tmp_path, max_steps=1, on_policy_fraction=1.0, on_policy_max_new_tokens=5, hard_weight=0.5)
     trainer = _trainer(student, teacher, args, train_dataset=_examples(4))
     logs = _train_logs(trainer)
     (batch,) = trainer.last_on_policy_batches
     assert batch["input_ids"].shape[1] <= 4 + 5
-    sums = causal_lm_loss_sums(reference_student, teacher, batch, ce_weight=0.5)
+    sums = causal_lm_loss_sums(reference_student, teacher, batch, hard_weight=0.5)
     assert sums.count > 0
-    assert logs[0]["loss"] == pytest.approx(float((sums.kd_sum + 0.5 * sums.ce_sum) / sums.count), rel=1e-5)
+    assert logs[0]["loss"] == pytest.approx(float((sums.kd_sum + 0.5 * sums.hard_sum) / sums.count), rel=1e-5)
     # labels: the completions only; every row ends at its first EOS (id 2) or after max_new_tokens
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
         learned = ids[labels != -100]
@@ -296,7 +296,7 @@ def test_on_policy_loss_is_computed_on_the_students_samples(tmp_path: Path) -> N
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     student, teacher = _models()
-    common = {"max_steps": 4, "per_device_train_batch_size": 2, "ce_weight": 0.5, "optim": "adamw_torch"}
+    common = {"max_steps": 4, "per_device_train_batch_size": 2, "hard_weight": 0.5, "optim": "adamw_torch"}
     _train_logs(_trainer(student, teacher, _args(tmp_path / "full", **common)))
     interrupted_student, teacher2 = _models()
     args = _args(tmp_path / "cut", save_strategy="steps", save_steps=2, **common)
@@ -345,17 +345,27 @@ def test_teacher_loaded_from_a_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"loss": "hidden_mse"}, r"loss='hidden_mse' is not a registered divergence; choose one of .*forward_kl"),
-        ({"loss": "nope"}, r"not a registered divergence.*reverse_kl"),
-        ({"kd_weight": 0.0, "ce_weight": 0.0}, "both 0"),
+        ({"kd_loss": "hidden_mse"}, r"kd_loss='hidden_mse' is not a registered divergence; choose one of .*kl"),
+        ({"kd_loss": "nope"}, r"not a registered divergence.*reverse_kl"),
+        ({"kd_weight": 0.0, "hard_weight": 0.0}, "both 0"),
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"vocab_policy": "clip"}, "vocab_policy='clip'"),
         ({"chunk_size": 0}, "chunk_size must be an int ≥ 1"),
         ({"on_policy_fraction": 1.5}, r"on_policy_fraction must be in \[0, 1\]"),
-        ({"loss": "generalized_jsd", "divergence_kwargs": {"skew": 0.1}}, "divergence_kwargs"),
+        ({"kd_loss": "generalized_jsd", "kd_kwargs": {"skew": 0.1}}, "kd_kwargs"),
         ({"teacher_dtype": "int8"}, "teacher_dtype='int8'"),
     ],
 )
 def test_argument_validation(tmp_path: Path, overrides: dict, message: str) -> None:
     with pytest.raises(InvalidArgumentError, match=message):
         _args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value"),
+    [("loss", "kd_loss", "reverse_kl"), ("ce_weight", "hard_weight", 0.5), ("scale_kd_by_t2", "t2_scaling", False),
+     ("divergence_kwargs", "kd_kwargs", {"beta": 0.5})],
+)  # fmt: skip
+def test_old_argument_names_are_refused_with_the_new_name(tmp_path: Path, old: str, new: str, value: Any) -> None:
+    with pytest.raises(InvalidArgumentError, match=rf"DistillationArguments\({old}=\.\.\.\) is now {new}=.*{new}="):
+        _args(tmp_path, **{old: value})

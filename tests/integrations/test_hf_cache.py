@@ -14,7 +14,7 @@ from test_hf import _args, _examples, _models, _params, _stack
 from kdistill.cache import CacheMismatchError, CacheReader, build_manifest, dataset_fingerprint, write_cache
 from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.integrations.hf import DistillationTrainer
+from kdistill.integrations import DistillationTrainer
 from kdistill.tasks.causal_lm import CausalLMView
 
 VOCAB = 128
@@ -45,7 +45,7 @@ def test_a_full_cache_trains_like_the_live_teacher(tmp_path: Path, chunked: bool
         teacher.lm_head.weight.mul_(6.0)  # a confident teacher: the KD term dominates the updates
     cache = _write(tmp_path, teacher, examples, VOCAB, temperature=2.0)
     start = _params(student)
-    options = {"temperature": 2.0, "ce_weight": 0.5, "chunked_loss": chunked, "chunk_size": 5,
+    options = {"temperature": 2.0, "hard_weight": 0.5, "chunked_loss": chunked, "chunk_size": 5,
                "gradient_accumulation_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 0.5}  # fmt: skip
     live_params, live_logs = _train(student, teacher, _args(tmp_path / "live", **options), train_dataset=examples)
     student.load_state_dict(start, strict=False)
@@ -89,7 +89,7 @@ def test_a_top_k_cache_logs_the_sparse_kd_term(tmp_path: Path) -> None:
     expected = float((p.exp() * (p - q)).sum(-1).mean())
     assert expected > 0.01
     assert log["kd_loss"] == pytest.approx(expected, rel=1e-5)  # a float32 student and cache
-    assert log["loss"] == pytest.approx(1.5**2 * expected, rel=1e-5)  # kd_weight 1, T² scaling, ce_weight 0
+    assert log["loss"] == pytest.approx(1.5**2 * expected, rel=1e-5)  # kd_weight 1, T² scaling, hard_weight 0
 
 
 def test_a_cached_collate_given_as_the_data_collator_is_used(tmp_path: Path) -> None:

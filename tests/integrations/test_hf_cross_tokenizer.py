@@ -27,7 +27,7 @@ from kdistill.data.sft import render_sft
 from kdistill.data.sft_collate import SFTCollator
 from kdistill.distillers.lm_cross import cross_tokenizer_loss_sums
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
-from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
+from kdistill.integrations import DistillationArguments, DistillationTrainer
 
 
 def records(n: int) -> list[dict]:
@@ -98,13 +98,13 @@ def test_a_batch_with_another_tokenization_and_no_method_is_refused(tmp_path: Pa
         ({"chunked_loss": True}, "chunked_loss"),
         ({"on_policy_fraction": 0.5}, "on_policy_fraction"),
         ({"teacher_cache": "somewhere"}, "teacher_cache"),
-        ({"divergence_kwargs": {"beta": 0.5}}, "divergence_kwargs"),
+        ({"kd_kwargs": {"beta": 0.5}}, "kd_kwargs"),
         ({"vocab_policy": "pad"}, "vocab_policy"),
     ],
 )
 def test_what_cross_tokenizer_cannot_be_combined_with_is_refused_by_name(tmp_path: Path, options, field) -> None:
     with pytest.raises(InvalidArgumentError, match=rf"^{field}=.* cannot be used with cross_tokenizer='uld'"):
-        DistillationArguments(output_dir=str(tmp_path), cross_tokenizer="uld", loss="jsd", **options)
+        DistillationArguments(output_dir=str(tmp_path), cross_tokenizer="uld", kd_loss="jsd", **options)
 
 
 def test_an_unknown_method_is_refused(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_accumulation_two_by_two_updates_like_one_batch_of_four(tmp_path: Path, 
         trainer = trainer_for(
             tmp_path / f"{size}", student, make_teacher().double(), method, per_device_train_batch_size=size,
             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
-            max_grad_norm=0.0, ce_weight=0.5, seed=0,
+            max_grad_norm=0.0, hard_weight=0.5, seed=0,
         )  # fmt: skip
         trainer.train_dataset = train
         trainer.data_collator = SFTCollator(pad_token_id=0, teacher_pad_token_id=0)

@@ -1,4 +1,4 @@
-"""The causal-LM KD term from cached top-k teacher outputs (:func:`kdistill.distillers.lm_loss.cached_lm_loss_sums`).
+"""The causal-LM KD term from cached top-k teacher outputs (:func:`kdistill.distillers.lm_cached.cached_lm_loss_sums`).
 
 ``teacher_topk`` is built here as :class:`kdistill.cache.CachedTeacherCollate` documents it, from the teacher's own
 logits, so these tests check the loss and not the cache's storage: a ``k = V`` cache gives the live teacher's KD
@@ -17,7 +17,8 @@ from torch import nn
 
 from conftest import LLAMA_VOCAB, make_causal_batch, make_tiny_llama
 from kdistill.core.shift import counted_next_tokens, next_token_labels
-from kdistill.distillers.lm_loss import cached_lm_loss_sums, causal_lm_loss_sums
+from kdistill.distillers.lm_cached import cached_lm_loss_sums
+from kdistill.distillers.lm_loss import causal_lm_loss_sums
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 
 TEMPERATURE = 2.0
@@ -52,7 +53,7 @@ def _teacher_topk(teacher: nn.Module, batch: dict, k: int, temperature: float = 
 def _loss_and_grads(student: nn.Module, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     student.zero_grad(set_to_none=True)
     sums = compute()
-    total = sums.kd_sum + (0.0 if sums.ce_sum is None else sums.ce_sum)
+    total = sums.kd_sum + (0.0 if sums.hard_sum is None else sums.hard_sum)
     total.backward()
     grads = {name: p.grad.detach().clone() for name, p in student.named_parameters() if p.grad is not None}
     return total.detach(), grads
@@ -72,7 +73,7 @@ def test_a_full_cache_gives_the_live_teachers_loss_and_gradients(chunked: bool, 
     student, teacher = _models()
     batch = _batch()
     topk = _teacher_topk(teacher, batch, LLAMA_VOCAB)
-    options = {"divergence": divergence, "temperature": TEMPERATURE, "ce_weight": 1.0, "chunked": chunked,
+    options = {"divergence": divergence, "temperature": TEMPERATURE, "hard_weight": 1.0, "chunked": chunked,
                "chunk_size": 5}  # fmt: skip
     live = _loss_and_grads(student, lambda: causal_lm_loss_sums(student, teacher, batch, **options))
     cached = _loss_and_grads(
@@ -125,7 +126,7 @@ def test_chunked_equals_plain_in_float32(policy: str) -> None:
     student, teacher = _models(torch.float32)
     batch = _batch()
     topk = _teacher_topk(teacher, batch, 5)
-    options = {"temperature": TEMPERATURE, "leftover_policy": policy, "ce_weight": 0.5, "divergence": "reverse_kl"}
+    options = {"temperature": TEMPERATURE, "leftover_policy": policy, "hard_weight": 0.5, "divergence": "reverse_kl"}
     plain = _loss_and_grads(student, lambda: cached_lm_loss_sums(student, batch, topk, **options))
     chunked = _loss_and_grads(
         student, lambda: cached_lm_loss_sums(student, batch, topk, chunked=True, chunk_size=3, **options)
@@ -136,12 +137,13 @@ def test_chunked_equals_plain_in_float32(policy: str) -> None:
 def test_the_hard_label_term_is_the_live_one() -> None:
     student, teacher = _models()
     batch = _batch()
-    got = cached_lm_loss_sums(student, batch, _teacher_topk(teacher, batch, 3), temperature=TEMPERATURE, ce_weight=1.0)
+    topk = _teacher_topk(teacher, batch, 3)
+    got = cached_lm_loss_sums(student, batch, topk, temperature=TEMPERATURE, hard_weight=1.0)
     with torch.no_grad():
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = next_token_labels(batch["labels"])
     expected = nn.functional.cross_entropy(logits.reshape(-1, LLAMA_VOCAB), targets.reshape(-1), reduction="sum")
-    assert float(got.ce_sum.detach()) == pytest.approx(float(expected), rel=1e-10)
+    assert float(got.hard_sum.detach()) == pytest.approx(float(expected), rel=1e-10)
 
 
 def test_a_cache_of_other_positions_or_temperature_is_refused() -> None:

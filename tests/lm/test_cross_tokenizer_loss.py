@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import make_tiny_chat_tokenizer, make_tiny_llama
 from kdistill.data.sft import _encode_with_spans, render_sft
 from kdistill.data.sft_collate import SFTCollator
-from kdistill.integrations.hf import DistillationArguments, DistillationTrainer
+from kdistill.integrations import DistillationArguments, DistillationTrainer
 
 WORDS = ["hello", "hi", "good", "fine", "thanks", "yes", "no", "i", "like", "love", "you", "what", "how", "name"]
 TEACHER_VOCAB = 60
@@ -213,7 +213,7 @@ def test_uld_kd_term_equals_a_float64_reference(tmp_path: Path, temperature: flo
 def test_aligned_kd_term_equals_a_float64_reference_over_explicit_spans(tmp_path: Path, temperature: float) -> None:
     student, teacher = make_student().double(), make_teacher().double()
     batch = cross_batch()
-    trainer = trainer_for(tmp_path, student, teacher, "align", temperature=temperature, scale_kd_by_t2=False)
+    trainer = trainer_for(tmp_path, student, teacher, "align", temperature=temperature, t2_scaling=False)
     student.train()
     count = int((batch["labels"][:, 1:] != -100).sum())
     loss = trainer.compute_loss(student, batch, num_items_in_batch=count)

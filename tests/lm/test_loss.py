@@ -18,7 +18,8 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_causal_batch, make_tiny_llama, make_tiny_qwen
-from kdistill.distillers.lm_loss import LMHead, causal_lm_loss_sums, final_hidden_states, lm_head_of
+from kdistill.distillers.lm_heads import LMHead, final_hidden_states, lm_head_of
+from kdistill.distillers.lm_loss import causal_lm_loss_sums
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
 
 DIVERGENCE_CASES: list[tuple[str, dict[str, float]]] = [
@@ -53,7 +54,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 def _run(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor], **kw: Any) -> tuple[Any, dict]:
     student.zero_grad(set_to_none=True)
     sums = causal_lm_loss_sums(student, teacher, batch, **kw)
-    total = sum(t for t in (sums.kd_sum, sums.ce_sum) if t is not None)
+    total = sum(t for t in (sums.kd_sum, sums.hard_sum) if t is not None)
     total.backward()
     return sums, _grads(student)
 
@@ -69,7 +70,7 @@ def _assert_same_loss_and_grads(plain: tuple[Any, dict], chunked: tuple[Any, dic
     (plain_sums, plain_grads), (chunked_sums, chunked_grads) = plain, chunked
     assert chunked_sums.count == plain_sums.count
     assert chunked_sums.student_logits is None and plain_sums.student_logits is not None
-    for name in ("kd_sum", "ce_sum"):
+    for name in ("kd_sum", "hard_sum"):
         expected, actual = getattr(plain_sums, name), getattr(chunked_sums, name)
         assert (expected is None) == (actual is None), name
         if expected is not None:
@@ -112,22 +113,22 @@ def test_plain_sums_equal_float64_reference(divergence: str) -> None:
     student, teacher = _pair("llama")
     batch = _batch()
     sums = causal_lm_loss_sums(
-        student, teacher, batch, divergence=divergence, temperature=2.0, ce_weight=0.5, kd_weight=3.0
+        student, teacher, batch, divergence=divergence, temperature=2.0, hard_weight=0.5, kd_weight=3.0
     )
     ref = _reference(student, teacher, batch, temperature=2.0)
     assert sums.count == ref["count"] == 9 + 8 + 9 + 2  # lengths 12, 9, 12, 3; prompts of 3 in rows 0 and 2
     torch.testing.assert_close(sums.kd_sum.double(), ref[divergence], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sums.ce_sum.double(), ref["ce"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sums.hard_sum.double(), ref["ce"], rtol=1e-5, atol=1e-6)
     assert sums.student_logits is not None and sums.student_logits.requires_grad
 
 
 def test_zero_weights_skip_their_terms_and_the_teacher() -> None:
     student, _ = _pair("llama")
     batch = _batch()
-    only_ce = causal_lm_loss_sums(student, None, batch, kd_weight=0.0, ce_weight=1.0)
-    assert only_ce.kd_sum is None and only_ce.ce_sum is not None
-    only_ce_chunked = causal_lm_loss_sums(student, None, batch, kd_weight=0.0, ce_weight=1.0, chunked=True)
-    _assert_rel(only_ce_chunked.ce_sum, only_ce.ce_sum)
+    only_ce = causal_lm_loss_sums(student, None, batch, kd_weight=0.0, hard_weight=1.0)
+    assert only_ce.kd_sum is None and only_ce.hard_sum is not None
+    only_ce_chunked = causal_lm_loss_sums(student, None, batch, kd_weight=0.0, hard_weight=1.0, chunked=True)
+    _assert_rel(only_ce_chunked.hard_sum, only_ce.hard_sum)
     with pytest.raises(InvalidArgumentError, match="teacher is None"):
         causal_lm_loss_sums(student, None, batch)
 
@@ -159,16 +160,16 @@ def test_final_hidden_states_feed_the_lm_head() -> None:
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("ce_weight", [0.0, 1.0])
-@pytest.mark.parametrize(("divergence", "divergence_kwargs"), DIVERGENCE_CASES)
-def test_chunked_equals_plain(family: str, ce_weight: float, divergence: str, divergence_kwargs: dict) -> None:
+@pytest.mark.parametrize("hard_weight", [0.0, 1.0])
+@pytest.mark.parametrize(("divergence", "kd_kwargs"), DIVERGENCE_CASES)
+def test_chunked_equals_plain(family: str, hard_weight: float, divergence: str, kd_kwargs: dict) -> None:
     student, teacher = _pair(family)
     batch = _batch(seed=3)
     options = {
         "divergence": divergence,
-        "divergence_kwargs": divergence_kwargs,
+        "kd_kwargs": kd_kwargs,
         "temperature": 1.5,
-        "ce_weight": ce_weight,
+        "hard_weight": hard_weight,
     }
     plain = _run(student, teacher, batch, **options)
     chunked = _run(student, teacher, batch, chunked=True, chunk_size=7, **options)  # 32 rows: 5 chunks, last short
@@ -180,7 +181,7 @@ def test_chunked_equals_plain(family: str, ce_weight: float, divergence: str, di
 def test_differing_vocabularies_follow_the_policy(family: str, vocab_policy: str) -> None:
     student, teacher = _pair(family, student_vocab=120)
     batch = _batch(vocab=120)
-    options = {"divergence": "forward_kl", "vocab_policy": vocab_policy, "ce_weight": 1.0}
+    options = {"divergence": "forward_kl", "vocab_policy": vocab_policy, "hard_weight": 1.0}
     plain = _run(student, teacher, batch, **options)
     chunked = _run(student, teacher, batch, chunked=True, chunk_size=8, **options)
     _assert_same_loss_and_grads(plain, chunked)
@@ -213,7 +214,7 @@ def test_tied_embeddings() -> None:
     _, teacher = _pair("llama")
     head = lm_head_of(student)
     assert head.weight is student.model.embed_tokens.weight and head.bias is None and head.scale == 1.0
-    options = {"divergence": "generalized_jsd", "divergence_kwargs": {"beta": 0.5}, "ce_weight": 0.7}
+    options = {"divergence": "generalized_jsd", "kd_kwargs": {"beta": 0.5}, "hard_weight": 0.7}
     plain = _run(student, teacher, _batch(), **options)
     chunked = _run(student, teacher, _batch(), chunked=True, chunk_size=6, **options)
     _assert_same_loss_and_grads(plain, chunked)
@@ -224,8 +225,8 @@ def test_lora_student_uses_its_adapters_on_the_chunked_path() -> None:
     student, teacher = _pair("llama")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     lora = peft.get_peft_model(student, config)
-    plain = _run(lora, teacher, _batch(), ce_weight=1.0)
-    chunked = _run(lora, teacher, _batch(), chunked=True, chunk_size=5, ce_weight=1.0)
+    plain = _run(lora, teacher, _batch(), hard_weight=1.0)
+    chunked = _run(lora, teacher, _batch(), chunked=True, chunk_size=5, hard_weight=1.0)
     _assert_same_loss_and_grads(plain, chunked)
     assert all("lora_" in name for name in plain[1])  # only the adapters train
     with lora.disable_adapter():  # the adapters change the loss, so the chunked path did use them
@@ -273,8 +274,8 @@ def test_logit_scaling_is_folded_into_the_head(family: str) -> None:
     student = model_class(config).eval()
     assert isinstance(lm_head_of(student), LMHead) and lm_head_of(student).scale == expected_scale
     _, teacher = _pair("llama")
-    plain = _run(student, teacher, _batch(), divergence="reverse_kl", ce_weight=1.0)
-    chunked = _run(student, teacher, _batch(), divergence="reverse_kl", ce_weight=1.0, chunked=True, chunk_size=9)
+    plain = _run(student, teacher, _batch(), divergence="reverse_kl", hard_weight=1.0)
+    chunked = _run(student, teacher, _batch(), divergence="reverse_kl", hard_weight=1.0, chunked=True, chunk_size=9)
     _assert_same_loss_and_grads(plain, chunked)
 
 
@@ -301,12 +302,12 @@ def test_chunked_path_never_builds_the_logits() -> None:
     batch = _batch()
     counter = _VocabRows(vocab=128, hidden_sizes=(16, 32))
     with counter:
-        sums = causal_lm_loss_sums(student, teacher, batch, chunked=True, chunk_size=4, ce_weight=1.0)
-        (sums.kd_sum + sums.ce_sum).backward()
+        sums = causal_lm_loss_sums(student, teacher, batch, chunked=True, chunk_size=4, hard_weight=1.0)
+        (sums.kd_sum + sums.hard_sum).backward()
     assert sums.count == 28
     # chunk buffers (4 × V) and the (B, 1, V) logits of logits_to_keep=1, never (n_counted, V) = 28 × V
     assert 0 < counter.most_rows <= 4
     plain = _VocabRows(vocab=128, hidden_sizes=(16, 32))
     with plain:  # the check can fail: the plain path does build (B · T, V) logits
-        causal_lm_loss_sums(student, teacher, batch, ce_weight=1.0)
+        causal_lm_loss_sums(student, teacher, batch, hard_weight=1.0)
     assert plain.most_rows >= 48

@@ -19,7 +19,7 @@ from kdistill.cache import CacheReader
 from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
 from kdistill.cli import main
 from kdistill.config import load_config
-from kdistill.distillers.lm_loss import cached_lm_loss_sums
+from kdistill.distillers.lm_cached import cached_lm_loss_sums
 from kdistill.errors import InvalidArgumentError
 from kdistill.runs.causal_lm import causal_lm_parts, check_causal_lm_config
 

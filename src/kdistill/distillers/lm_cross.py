@@ -39,7 +39,8 @@ from torch import nn
 
 from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.data.sft import COMPLETION_OFFSETS
-from kdistill.distillers.lm_loss import LMLossSums, model_inputs
+from kdistill.distillers.lm_heads import causal_lm_inputs
+from kdistill.distillers.lm_loss import LMLossSums
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.losses import token_cross_entropy
 from kdistill.losses.cross_tokenizer import align_by_offsets, uld_loss
@@ -71,7 +72,7 @@ def cross_tokenizer_loss_sums(
     method: str = "uld",
     temperature: float = 1.0,
     kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
+    hard_weight: float = 0.0,
 ) -> LMLossSums:
     """The KD and CE terms of causal-LM distillation across tokenizers, as sums (see the module docstring).
 
@@ -84,11 +85,11 @@ def cross_tokenizer_loss_sums(
             also needs ``completion_offsets`` on both sides (one list of ``[start, end]`` per row and token).
         method: ``"uld"`` or ``"align"``.
         temperature: divides both sides' logits.
-        kd_weight, ce_weight: a zero skips its term.
+        kd_weight, hard_weight: a zero skips its term.
 
     Returns:
         :class:`~kdistill.distillers.lm_loss.LMLossSums` whose ``count`` is the student's counted next tokens (the
-        unit the caller normalizes by), ``kd_sum`` the summed ULD distance over pairs or groups, ``ce_sum`` the
+        unit the caller normalizes by), ``kd_sum`` the summed ULD distance over pairs or groups, ``hard_sum`` the
         student's next-token cross-entropy.
 
     Raises:
@@ -98,9 +99,9 @@ def cross_tokenizer_loss_sums(
     """
     check_method(method, "method")
     labels = _labels(inputs, "inputs")
-    want_kd, want_ce = kd_weight != 0, ce_weight != 0
-    student_logits = student(**model_inputs(inputs), use_cache=False).logits  # (B, T_s, V_s)
-    kd_sum = ce_sum = None
+    want_kd, want_hard = kd_weight != 0, hard_weight != 0
+    student_logits = student(**causal_lm_inputs(inputs), use_cache=False).logits  # (B, T_s, V_s)
+    kd_sum = hard_sum = None
     if want_kd:
         if teacher is None:
             raise InvalidArgumentError("teacher is None but the KD term (kd_weight != 0) needs a teacher")
@@ -118,7 +119,7 @@ def cross_tokenizer_loss_sums(
         if teacher.training:
             teacher.eval()
         with torch.no_grad():
-            teacher_logits = teacher(**model_inputs(teacher_inputs), use_cache=False).logits  # (B, T_t, V_t)
+            teacher_logits = teacher(**causal_lm_inputs(teacher_inputs), use_cache=False).logits  # (B, T_t, V_t)
         if method == "uld":
             kd_sum = uld_sum(student_logits, teacher_logits, labels, teacher_labels, temperature=temperature)
         else:
@@ -131,10 +132,10 @@ def cross_tokenizer_loss_sums(
                 _offsets(teacher_inputs, "inputs['teacher']"),
                 temperature=temperature,
             )
-    if want_ce:
-        ce_sum = token_cross_entropy(student_logits, next_token_labels(labels), reduction="sum")
+    if want_hard:
+        hard_sum = token_cross_entropy(student_logits, next_token_labels(labels), reduction="sum")
     count = int(counted_next_tokens(labels).sum())
-    return LMLossSums(kd_sum=kd_sum, ce_sum=ce_sum, count=count, student_logits=student_logits)
+    return LMLossSums(kd_sum=kd_sum, hard_sum=hard_sum, count=count, student_logits=student_logits)
 
 
 def _offsets(inputs: Mapping[str, Any], where: str) -> Sequence[Any]:

@@ -1,18 +1,24 @@
-"""Integrations with other training frameworks; :mod:`kdistill.integrations.hf` is the Hugging Face ``Trainer`` one.
+"""Integrations with other training frameworks: the Hugging Face ``Trainer`` one.
 
-Imported lazily, so that ``import kdistill.integrations`` does not import transformers.
+:class:`DistillationArguments` (:mod:`kdistill.integrations.arguments`) and :class:`DistillationTrainer`
+(:mod:`kdistill.integrations.trainer`); on-policy sampling in :mod:`kdistill.integrations.on_policy`. Imported lazily,
+so that ``import kdistill.integrations`` does not import transformers.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __all__ = ["DistillationArguments", "DistillationTrainer"]
 
+_MODULES = {
+    "DistillationArguments": "kdistill.integrations.arguments",
+    "DistillationTrainer": "kdistill.integrations.trainer",
+}
+
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from kdistill.integrations import hf
-
-        return getattr(hf, name)
+    if name in _MODULES:
+        return getattr(importlib.import_module(_MODULES[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -103,7 +103,7 @@ def check_causal_lm_config(config: RunConfig) -> None:
 
 def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
     """The run's :class:`DistillationArguments` (what ``training`` and ``distill`` say, in the Trainer's words)."""
-    from kdistill.integrations.hf import DistillationArguments
+    from kdistill.integrations import DistillationArguments
 
     training, spec = config.training, config.distill
     kd_kwargs = dict(spec.kd_kwargs)
@@ -137,12 +137,12 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_cuda(),
-        loss=spec.kd_loss,
+        kd_loss=spec.kd_loss,
         temperature=float(spec.temperature),
         kd_weight=0.0 if baseline else float(spec.kd_weight),
-        ce_weight=1.0 if baseline else float(spec.hard_weight),
-        scale_kd_by_t2=spec.t2_scaling,
-        divergence_kwargs=kd_kwargs or None,
+        hard_weight=1.0 if baseline else float(spec.hard_weight),
+        t2_scaling=spec.t2_scaling,
+        kd_kwargs=kd_kwargs or None,
         vocab_policy=vocab_policy,
         chunked_loss=spec.chunked_loss,
         chunk_size=spec.chunk_size,
@@ -315,7 +315,7 @@ def _pad_id(tokenizer: Any) -> int:
 
 def run_causal_lm(config: RunConfig) -> Any:
     """Carry out one causal-LM run (see the module docstring for what it writes)."""
-    from kdistill.integrations.hf import DistillationTrainer
+    from kdistill.integrations import DistillationTrainer
     from kdistill.runs.run import RunResult, check_output_dir, recorded_run, write_json_atomically
 
     check_causal_lm_config(config)
