@@ -86,7 +86,8 @@ def _demo_config(train: int, teacher_cache: str | None = None) -> Any:
 def _epoch_seconds(config: Any) -> float:
     """Wall time of one training epoch (``train`` only: parts are built and the distiller set up before)."""
     from kdistill.distillers import Distiller
-    from kdistill.runs.parts import build_objective, build_parts, make_training_config
+    from kdistill.runs.engine import make_training_config
+    from kdistill.runs.parts import build_objective, build_parts
     from kdistill.training import train
 
     parts = build_parts(config)

@@ -23,7 +23,7 @@ from kdistill.runs.experiment import (
     run_grid,
 )
 from kdistill.runs.experiment_table import write_comparison
-from kdistill.runs.run import run_status
+from kdistill.runs.records import run_status
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -71,7 +71,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _model_parameters(directory: Path) -> int:
-    from kdistill.runs.parts import load_any_model
+    from kdistill.models.loading import load_any_model
 
     model = load_any_model(str(directory))
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -195,7 +195,8 @@ def _kd_per_unit(distiller: Distiller, batch: dict) -> float:
 
 def _before_and_after(config_path: Path, make_distiller) -> tuple[float, float, dict]:
     """The KD loss per unit on the first 16 training examples: the run's fresh student, then the saved one."""
-    from kdistill.runs.parts import build_parts, load_any_model
+    from kdistill.models.loading import load_any_model
+    from kdistill.runs.parts import build_parts
 
     config = load_config(config_path)
     parts = build_parts(config)  # the student the run started from (same seed)

@@ -21,7 +21,8 @@ from kdistill.cli import main
 from kdistill.config import load_config
 from kdistill.distillers.lm_cached import cached_lm_loss_sums
 from kdistill.errors import InvalidArgumentError
-from kdistill.runs.causal_lm import causal_lm_parts, check_causal_lm_config
+from kdistill.runs.causal_lm import check_causal_lm_config
+from kdistill.runs.causal_lm_parts import causal_lm_parts
 
 
 @pytest.fixture

@@ -11,10 +11,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdistill.cache import (
+    CachedTeacherCollate,
+    CacheIncompleteError,
+    CacheReader,
+    build_manifest,
+    dataset_fingerprint,
+    tokenizer_hash,
+    with_cache_index,
+)
+from kdistill.config import RunConfig
+from kdistill.core.views import SequenceView, TokenView
+from kdistill.distillers import Distiller, Objective
 from kdistill.errors import InvalidArgumentError
+from kdistill.runs.parts import RunParts
+from kdistill.tasks.causal_lm import CausalLMView
 
 
-def cached_feature_specs(objective: Any) -> list[str]:
+def cached_feature_specs(objective: Objective) -> list[str]:
     """The teacher feature specs a cache must hold for ``objective``'s matches, in order of first use.
 
     Matches on ``hidden`` or ``embeddings`` features of the (one) teacher are cacheable: one ``(T, H)`` tensor per
@@ -41,7 +55,7 @@ def cached_feature_specs(objective: Any) -> list[str]:
     return specs
 
 
-def open_run_cache(config: Any, parts: Any, *, features: list[str] | tuple[str, ...] = ()) -> Any:
+def open_run_cache(config: RunConfig, parts: RunParts, *, features: list[str] | tuple[str, ...] = ()) -> CacheReader:
     """The :class:`~kdistill.cache.CacheReader` of ``config.distill.teacher_cache``, checked against the run.
 
     The manifest the run would write (its teacher, teacher tokenizer, training examples in order, temperature and
@@ -51,14 +65,6 @@ def open_run_cache(config: Any, parts: Any, *, features: list[str] | tuple[str, 
     :class:`~kdistill.cache.CacheIncompleteError`, before anything of the run is written. The engine's cached runs
     and the causal-LM runs (the Trainer path) both check their cache here.
     """
-    from kdistill.cache import (
-        CacheIncompleteError,
-        CacheReader,
-        build_manifest,
-        dataset_fingerprint,
-        tokenizer_hash,
-    )
-
     spec = config.distill
     reader = CacheReader(spec.teacher_cache)
     if not reader.is_complete():
@@ -84,13 +90,10 @@ def open_run_cache(config: Any, parts: Any, *, features: list[str] | tuple[str, 
     return reader
 
 
-def cached_teacher_parts(config: Any, parts: Any, objective: Any) -> tuple[Any, list[dict[str, Any]], Any]:
+def cached_teacher_parts(
+    config: RunConfig, parts: RunParts, objective: Objective
+) -> tuple[Distiller, list[dict[str, Any]], CachedTeacherCollate]:
     """``(distiller, training examples, collate)`` for a run reading ``config.distill.teacher_cache``."""
-    from kdistill.cache.batches import CachedTeacherCollate, with_cache_index
-    from kdistill.distillers import Distiller
-    from kdistill.core.views import SequenceView, TokenView
-    from kdistill.tasks.causal_lm import CausalLMView
-
     spec = config.distill
     specs = cached_feature_specs(objective)
     if parts.extra_teachers:

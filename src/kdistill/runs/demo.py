@@ -10,6 +10,7 @@ written. Every run is an ordinary kdistill run: the YAML below is what it trains
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ from typing import Any
 import yaml
 
 from kdistill.config import RunConfig, load_config
+from kdistill.eval.compare import ModelEntry, compare_models, format_compare_table, write_compare
+from kdistill.models.loading import load_model, load_tokenizer
+from kdistill.report.html import build_report
+from kdistill.runs.parts import build_parts, compare_batches
+from kdistill.runs.records import run_status
+from kdistill.runs.run import run
+from kdistill.runs.teacher import teacher_cache_dir
 
 DEMO_YAML = """
 task: sequence_classification
@@ -97,13 +105,10 @@ def demo_configs(out_dir: str | Path, quick: bool = False, cache_dir: str | None
     return configs
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_dir: str | None = None) -> dict:
+def run_demo(
+    out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_dir: str | None = None
+) -> dict[str, Any]:
     """Run the demo into ``out_dir``; prints the comparison and returns it (also in ``compare.json``)."""
-    from kdistill.eval.compare import ModelEntry, compare_models, format_compare_table, write_compare
-    from kdistill.report.html import build_report
-    from kdistill.runs.run import run, run_status
-    from kdistill.runs.parts import build_parts, compare_batches, load_model, load_tokenizer
-
     started = time.perf_counter()
     out = Path(out_dir)
     configs = demo_configs(out, quick=quick, cache_dir=cache_dir)
@@ -117,8 +122,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_di
             print(f"[{name}] already complete, kept")
             continue
         if Path(config.output_dir).exists():
-            import shutil
-
             shutil.rmtree(config.output_dir)  # an interrupted earlier demo run: start it again
         print(f"[{name}] training ({config.mode})")
         step_start = time.perf_counter()
@@ -132,7 +135,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_di
     students = []
     for name, config in configs.items():
         path = str(Path(config.output_dir) / "student")
-        students.append((name, load_model(path, task, name, len(task.label_names)), path, load_tokenizer(path, name)))
+        model = load_model(path, task.auto_model_class, name, label_names=task.label_names)
+        students.append((name, model, path, load_tokenizer(path, name)))
     batches, inputs = compare_batches(parts, parts.teacher_tokenizer, {n: t for n, _, _, t in students}, split=split)
     teacher_path = str(_teacher_dir(reference))
     cka = {name: [("layer 6", "layer 2"), ("layer 3", "layer 1")] for name, *_ in students if "2l" in name}
@@ -162,6 +166,4 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, cache_di
 
 
 def _teacher_dir(config: RunConfig) -> Path:
-    from kdistill.runs.parts import teacher_cache_dir
-
     return teacher_cache_dir(config) / "student"

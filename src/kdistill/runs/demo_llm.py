@@ -16,7 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+
+from kdistill.config import RunConfig
+from kdistill.eval.speed import count_parameters, measure_throughput
+from kdistill.runs.causal_lm_parts import causal_lm_parts
+from kdistill.runs.experiment import Grid, load_grid, run_grid
+from kdistill.runs.experiment_table import write_comparison
+from kdistill.tasks import evaluate_lm, make_batches
 
 LLM_DEMO_YAML = """
 task: causal_lm
@@ -70,10 +78,8 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
-def llm_grid(out_dir: str | Path, *, quick: bool = False, variants: list[str] | None = None) -> Any:
+def llm_grid(out_dir: str | Path, *, quick: bool = False, variants: list[str] | None = None) -> Grid:
     """The demo's grid (validated), every variant running in ``out_dir/<variant>``."""
-    from kdistill.runs.experiment import load_grid
-
     chosen = {name: VARIANTS[name] for name in (variants or list(VARIANTS))}
     overrides = [_override(key, value) for key, value in QUICK.items()] if quick else []
     data = {
@@ -89,8 +95,6 @@ def run_llm_demo(
     out_dir: str | Path = "runs/demo-llm", *, quick: bool = False, variants: list[str] | None = None
 ) -> dict[str, Any]:
     """Run the grid, evaluate the teacher and the untrained student on the same test split, write the table."""
-    from kdistill.runs.experiment import run_grid, write_comparison
-
     started = time.perf_counter()
     out = Path(out_dir)
     grid = llm_grid(out, quick=quick, variants=variants)
@@ -141,14 +145,8 @@ def run_llm_demo(
     return summary
 
 
-def _reference_rows(config: Any) -> list[dict[str, Any]]:
+def _reference_rows(config: RunConfig) -> list[dict[str, Any]]:
     """The teacher and the cut student before training, scored on the run's test split."""
-    import torch
-
-    from kdistill.eval.speed import count_parameters, measure_throughput
-    from kdistill.runs.causal_lm import causal_lm_parts
-    from kdistill.tasks import evaluate_lm, make_batches
-
     parts = causal_lm_parts(config)
     batches = make_batches(parts.eval_examples["test"], parts.collate, config.training.eval_batch_size)
     rows = []

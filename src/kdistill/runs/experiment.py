@@ -53,7 +53,8 @@ from kdistill.config.loader import read_yaml_mapping
 from kdistill.errors import KdistillError
 from kdistill.losses import LOSSES
 from kdistill.runs.experiment_table import ComparisonPaths, format_cell, is_number, write_comparison
-from kdistill.runs.run import run, run_status
+from kdistill.runs.records import run_status
+from kdistill.runs.run import run
 from kdistill.schedules import make_schedule, make_temperature_schedule
 
 # format_cell and write_comparison are re-exported: the LLM demo writes its table through this module
