@@ -16,24 +16,15 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Any
 
+import torch
+
+from kdistill.cache import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
+from kdistill.config import load_config
 from kdistill.errors import InvalidArgumentError
-
-
-def add_cache_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "cache", help="run a run's teacher once over its training data; keep its top-k outputs on disk (resumable)"
-    )
-    parser.add_argument("config", help="the run's YAML file (its data, task and teacher are used)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.limit.train=1000")
-    parser.add_argument("--out", required=True, help="the cache directory (created; a rerun resumes it)")
-    parser.add_argument("--k", default="64", help="log-probabilities kept per position: a number, or 'all'")
-    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=1024, help="examples per shard")
-    parser.set_defaults(func=cmd_cache)
-    return parser
+from kdistill.runs.cache_checks import cached_feature_specs
+from kdistill.runs.parts import build_objective, build_parts
+from kdistill.tasks.base import predict_logits
 
 
 def _worker() -> tuple[int, int]:
@@ -45,13 +36,8 @@ def _worker() -> tuple[int, int]:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import torch
-
-    from kdistill.runs.cache_checks import cached_feature_specs
-    from kdistill.cache import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
-    from kdistill.config import load_config
-    from kdistill.runs.parts import build_objective, build_parts
-
+    """``kdistill cache``: ``args`` has the run's ``config`` and ``overrides``, ``out``, ``k``, ``dtype``,
+    ``batch_size`` and ``shard_size``; returns the exit code (0). Refuses, before any work, what cannot be cached."""
     config = load_config(args.config, args.overrides)
     if config.teacher is None:
         raise InvalidArgumentError("the run has no teacher section: there is nothing to cache")
@@ -74,8 +60,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     )
     view = parts.task.view
     probe = parts.collate(parts.train_examples[:1])
-    from kdistill.tasks.base import predict_logits
-
     vocab = int(predict_logits(teacher, [probe], view, inputs="teacher")[0][0].shape[-1])
     k = vocab if args.k == "all" else _positive_int(args.k, "--k")
     if k > vocab:

@@ -1,0 +1,28 @@
+"""``kdistill train RUN.yaml key=value ...``: train a teacher, a baseline student, or distil, from a YAML run."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add ``train`` to the ``kdistill`` subcommands; its handler is :func:`run` (set as ``func``)."""
+    parser = subparsers.add_parser("train", help="train a teacher, a baseline student, or distil, from a YAML run")
+    parser.add_argument("config", help="the run's YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.learning_rate=3e-5")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config with its overrides, run it, print where it went and its metrics; 0 on success."""
+    # imported here so that `kdistill --help` does not import torch
+    from kdistill.config import load_config
+    from kdistill.runs.run import run as run_config
+
+    config = load_config(args.config, args.overrides)
+    result = run_config(config)
+    print(f"{config.mode} run complete in {result.seconds:.0f} s: {result.output_dir}")
+    for key, value in result.metrics.items():
+        print(f"  {key:<28}{value:.4f}")
+    return 0
