@@ -125,8 +125,9 @@ def test_align_needs_offsets_and_the_teachers_tokenization(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("method", ["uld", "align"])
 def test_accumulation_two_by_two_updates_like_one_batch_of_four(tmp_path: Path, method: str) -> None:
-    """The KD sum is divided by the step's count of student tokens, so rows of different lengths weigh alike
-    however the step is cut into micro-batches (a per-micro-batch mean would not)."""
+    """The KD sum is divided by the step's count of its units (paired positions or aligned groups, one per student
+    token here) and the CE sum by the step's student tokens, so rows of different lengths weigh alike however the step
+    is cut into micro-batches (a per-micro-batch mean would not)."""
     replies = ["hi", "good you", "i like you", "yes no thanks how what name love"]  # every split unequal
     rows = [{"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": r}]} for r in replies]
     train = render_sft(rows, make_tiny_chat_tokenizer(), teacher_tokenizer=make_bpe_chat_tokenizer(), offsets=True)

@@ -192,21 +192,40 @@ def test_a_slow_tokenizer_measures_spans_by_decoding() -> None:
     assert [end for _, end in spans[0]] == [end for _, end in fast_spans[0]] == [5, 9, 14]
 
 
+def uld_pairs(batch) -> int:
+    """The positions ULD pairs: per row, the shorter of the two sides' counted positions."""
+    return sum(
+        min(len(counted_positions(batch["labels"][b])), len(counted_positions(batch["teacher"]["labels"][b])))
+        for b in range(batch["labels"].shape[0])
+    )
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_uld_kd_term_equals_a_float64_reference(tmp_path: Path, temperature: float) -> None:
+    """The KD sum over paired positions, divided by the paired positions of the whole optimizer step (both
+    micro-batches, counted before any forward), × kd_weight · T²."""
     student, teacher = make_student().double(), make_teacher().double()
-    batch = cross_batch(offsets=False)
+    batch, other = cross_batch(offsets=False), cross_batch(RECORDS[:2], offsets=False)
     assert batch["input_ids"].shape != batch["teacher"]["input_ids"].shape  # the tokenizations really differ
+    # the teacher learns only the first two tokens of row 0's completion: it has fewer counted positions there than
+    # the student, so the paired positions are fewer than the student's tokens (the test tells the units apart)
+    teacher_labels = batch["teacher"]["labels"]
+    learned = (teacher_labels[0] != -100).nonzero().squeeze(1)
+    teacher_labels[0, learned[2:]] = -100
     trainer = trainer_for(tmp_path, student, teacher, "uld", temperature=temperature, kd_weight=0.5)
     student.train()
-    step_count = 7 + int((batch["labels"][:, 1:] != -100).sum())  # as if other micro-batches shared the step
-    loss = trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(step_count))
+    batches, num_items = trainer.get_batch_samples(iter([batch, other]), 2, torch.device("cpu"))
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in (batch, other))
+    assert int(num_items) == tokens
+    step_pairs = uld_pairs(batch) + uld_pairs(other)
+    assert step_pairs < tokens  # the teacher has fewer counted positions in some row: the two units differ
+    loss = trainer.compute_loss(student, batches[0], num_items_in_batch=num_items)
     with torch.no_grad():
         s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         t_logits = teacher(**{k: batch["teacher"][k] for k in ("input_ids", "attention_mask")}).logits
     reference = reference_uld(s_logits, t_logits, batch, temperature)
     assert loss.requires_grad
-    assert float(loss.detach()) == pytest.approx(0.5 * temperature**2 * float(reference) / step_count, rel=1e-10)
+    assert float(loss.detach()) == pytest.approx(0.5 * temperature**2 * float(reference) / step_pairs, rel=1e-10)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])

@@ -12,7 +12,7 @@ from kdistill.distillers.core import (
 )
 from kdistill.distillers.cross import CrossTokenizerDistiller
 from kdistill.distillers.multitask import MultiTaskDistiller
-from kdistill.distillers.objective import Match, Objective, Stage, TermValue, expand_layer_map
+from kdistill.distillers.objective import Match, Objective, Stage, TermValue, expand_layer_map, normalized_loss
 
 __all__ = [
     "CrossTokenizerDistiller",
@@ -32,4 +32,5 @@ __all__ = [
     "freeze",
     "infer_view",
     "model_inputs",
+    "normalized_loss",
 ]

@@ -34,6 +34,7 @@ from kdistill.distillers.objective import Match, Objective, TermValue
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.features import FeatureTap, resolve_feature
 from kdistill.losses import token_cross_entropy
+from kdistill.losses.sparse import sparse_divergence
 
 View = SequenceView | TokenView
 
@@ -395,8 +396,6 @@ class Distiller:
     def _cached_kd_term(self, student_logits: list[torch.Tensor], batch: Mapping[str, Any]) -> TermValue:
         """The KD term against the teacher's cached top-k outputs (``batch["teacher_topk"]``), at the cache's
         temperature, as a sum over the counted positions (× T² when configured)."""
-        from kdistill.losses.sparse import sparse_divergence
-
         cached = batch["teacher_topk"]
         heads, temperature = cached["heads"], float(cached["temperature"])
         if len(heads) != len(student_logits):
@@ -420,10 +419,9 @@ class Distiller:
                 reduction="sum",
                 **kwargs,
             )
-            if self.objective.t2_scaling:
-                values = values * temperature**2
             total = values if total is None else total + values
-        return TermValue(total, "logit_positions")
+        assert total is not None  # at least one head
+        return self.objective.kd_value(total, temperature)
 
     def projections_state(self) -> dict[str, torch.Tensor]:
         """The projections' weights, keyed by match name, for saving beside the student."""

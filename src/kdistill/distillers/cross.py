@@ -187,9 +187,7 @@ class CrossTokenizerDistiller(Distiller):
                 position="first",
                 **kwargs,
             )
-        if self.objective.t2_scaling:
-            total = total * temperature**2
-        return TermValue(total, UNIT)
+        return self.objective.kd_value(total, temperature, UNIT)
 
 
 def _offsets(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

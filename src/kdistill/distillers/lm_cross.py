@@ -22,11 +22,12 @@ positions in one of two ways:
   its three pieces), and after the last token they predict text that may start a different group on each side.
   A group whose first token is the first token of the sequence has no position predicting it and is left out.
 
-The unit of the KD sum is one paired position (``"uld"``) or one aligned group (``"align"``); the caller divides it
-by the same global count as every other KD term, the student's counted next tokens over the optimizer step and all
-processes, so gradient accumulation stays exact and the KD term reads "ULD distance per student token" (positions
-or groups without a partner contribute 0). Temperature divides both sides' logits; no T² inside (the caller applies
-``kd_weight · T²`` when configured, exactly as for a same-tokenizer divergence).
+The unit of the KD sum is one paired position (``"uld"``) or one aligned group (``"align"``), ``"aligned_pairs"``
+as for the engine's :class:`~kdistill.distillers.cross.CrossTokenizerDistiller`: :func:`aligned_pair_count` counts
+them from the labels and offsets alone, before any forward, and the caller divides the KD sum by their global count
+over the optimizer step and all processes (the hard-label term keeps the student's counted next tokens). So gradient
+accumulation stays exact, and the KD term reads "ULD distance per paired position". Temperature divides both sides'
+logits; no T² inside (the caller's objective applies it when configured, as for a same-tokenizer divergence).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from kdistill.losses import token_cross_entropy
 from kdistill.losses.cross_tokenizer import align_by_offsets, uld_loss
 
 CROSS_TOKENIZER_METHODS = ("uld", "align")
+UNIT = "aligned_pairs"  # what the cross-tokenizer KD sum counts: paired positions (uld) or aligned groups (align)
 
 
 def check_method(method: Any, name: str = "cross_tokenizer") -> None:
@@ -89,8 +91,8 @@ def cross_tokenizer_loss_sums(
 
     Returns:
         :class:`~kdistill.distillers.lm_loss.LMLossSums` whose ``count`` is the student's counted next tokens (the
-        unit the caller normalizes by), ``kd_sum`` the summed ULD distance over pairs or groups, ``hard_sum`` the
-        student's next-token cross-entropy.
+        unit of ``hard_sum``, the student's next-token cross-entropy), ``kd_sum`` the summed ULD distance over pairs
+        or groups (their count is :func:`aligned_pair_count`).
 
     Raises:
         InvalidArgumentError: an unknown method, a missing teacher, or a batch without the teacher's tokenization or
@@ -227,3 +229,32 @@ def aligned_sum(
     picked_teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1]).index_select(0, teacher_index)
     # one (n, V) "sequence" per side, paired row by row: uld_loss with every position counted
     return uld_loss(picked_student, picked_teacher.to(picked_student.device), temperature=temperature, reduction="sum")
+
+
+def aligned_pair_count(inputs: Mapping[str, Any], method: str) -> int:
+    """The units of the cross-tokenizer KD sum in a batch, from labels and offsets alone (no forward).
+
+    ``"uld"``: per row, the smaller of the two sides' counted next-token positions; ``"align"``: the aligned groups
+    of every row that :func:`aligned_positions` compares.
+
+    Raises:
+        InvalidArgumentError: an unknown method, or a batch without the teacher's tokenization or offsets.
+    """
+    check_method(method, "method")
+    labels = _labels(inputs, "inputs")
+    teacher_inputs = inputs.get("teacher")
+    if not isinstance(teacher_inputs, Mapping):
+        raise InvalidArgumentError(
+            "a cross-tokenizer batch needs the teacher's own tokenization in 'teacher' (input_ids, "
+            "attention_mask, labels); render the records with kdistill.data.sft.render_sft(teacher_tokenizer=...)"
+        )
+    teacher_labels = _labels(teacher_inputs, "inputs['teacher']")
+    if method == "uld":
+        student_counts = counted_next_tokens(labels).sum(-1)  # (B,)
+        teacher_counts = counted_next_tokens(teacher_labels).sum(-1).to(student_counts.device)  # (B,)
+        return int(torch.minimum(student_counts, teacher_counts).sum())
+    student_offsets, teacher_offsets = _offsets(inputs, "inputs"), _offsets(teacher_inputs, "inputs['teacher']")
+    return sum(
+        len(aligned_positions(labels[b].tolist(), teacher_labels[b].tolist(), student_offsets[b], teacher_offsets[b]))
+        for b in range(labels.shape[0])
+    )

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kdistill.errors import InvalidArgumentError, ShapeMismatchError
+from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.losses import LOSSES
 from kdistill.schedules import Schedule, make_schedule, make_temperature_schedule
 
@@ -248,15 +248,30 @@ class Objective:
         total_steps: int,
         temperature: float | torch.Tensor | None = None,
     ) -> TermValue:
-        """Sum over counted positions of the divergence (× T² when configured)."""
+        """Sum over counted positions of the divergence (× T² when configured, by :meth:`kd_value`)."""
         if temperature is None:
             temperature = self.temperature_at(step, total_steps, student_logits, teacher_logits)
-        total = self.kd_loss(
+        values = self.kd_loss(
             student_logits, teacher_logits, mask, temperature=temperature, reduction="none", **self.kd_kwargs
         )
+        return self.kd_value(values, temperature)
+
+    def kd_value(
+        self, values: torch.Tensor, temperature: float | torch.Tensor, unit: str = "logit_positions"
+    ) -> TermValue:
+        """The KD term from a divergence's values: × T² when ``t2_scaling`` is on, summed, counted in ``unit``.
+
+        The one place T² is applied: every KD path of both backends (dense, chunked, cached top-k, across
+        tokenizers, several teachers; the engine and ``DistillationTrainer``) hands its divergence values here.
+
+        Args:
+            values: the divergence per unit (any shape; 0 where nothing counts) or already summed (0-d).
+            temperature: a number, or per-position temperatures of ``values``' shape (``flsw``, ``cwsm``).
+            unit: the units the sum is over (``"logit_positions"``; ``"aligned_pairs"`` across tokenizers).
+        """
         if self.t2_scaling:
-            total = total * (temperature**2 if not isinstance(temperature, torch.Tensor) else temperature.pow(2))
-        return TermValue(total.sum(), "logit_positions")
+            values = values * (temperature.pow(2) if isinstance(temperature, torch.Tensor) else temperature**2)
+        return TermValue(values.sum(), unit)
 
     def match_term(
         self,
@@ -283,3 +298,38 @@ def _may_be_nonzero(schedule: Schedule) -> bool:
         return any(schedule(step, 1000) != 0 for step in (0, 1, 250, 500, 750, 999))
     except Exception:  # a user's schedule that cannot be probed: assume it may be non-zero
         return True
+
+
+def normalized_loss(
+    terms: Mapping[str, TermValue],
+    weights: Mapping[str, float] | None,
+    counts: Mapping[str, float],
+    *,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """One micro-batch's loss: Σ weight · (term sum / global count of its unit), × ``world_size``.
+
+    The one normalization of both backends (``training/loop.py`` and ``DistillationTrainer.compute_loss``).
+    ``counts`` are the units of the whole optimizer step, summed over its micro-batches and all processes before
+    any forward, so the gradients summed over the step equal those of one batch holding all of it; the factor
+    ``world_size`` undoes DDP's averaging of gradients over processes.
+
+    Args:
+        terms: each term's sum over its units (:class:`TermValue`).
+        weights: each term's weight at this step (None: every term weighs 1).
+        counts: the global count of each unit (a term whose unit has count 0 contributes its sum, which is 0).
+        world_size: the number of processes whose gradients DDP averages (1 without DDP).
+
+    Raises:
+        KdistillError: no term has a non-zero weight.
+    """
+    loss = None
+    for name, term in terms.items():
+        weight = 1.0 if weights is None else weights.get(name, 0.0)
+        if weight == 0.0:
+            continue
+        value = term.total * (weight * world_size / max(counts[term.unit], 1.0))
+        loss = value if loss is None else loss + value
+    if loss is None:
+        raise KdistillError("no loss term has a non-zero weight at this step")
+    return loss

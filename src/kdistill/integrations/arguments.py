@@ -8,6 +8,7 @@ Each distillation option has the name it has under ``distill:`` in a run's YAML 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 import transformers
 
 from kdistill.distillers.lm_cross import CROSS_TOKENIZER_METHODS
+from kdistill.distillers.objective import Objective, Stage
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.losses import LOSSES
 from kdistill.losses._common import VOCAB_POLICIES
@@ -42,9 +44,13 @@ class DistillationArguments(transformers.TrainingArguments):
 
     Args:
         kd_loss: a divergence registered in :data:`kdistill.losses.LOSSES` (or one of its aliases).
-        temperature: softmax temperature of the divergence (> 0).
-        kd_weight: weight of the KD term (≥ 0).
-        hard_weight: weight of the student's next-token cross-entropy on the labels (≥ 0; not both weights 0).
+        temperature: softmax temperature of the divergence (> 0): a number or a schedule over the optimizer steps
+            (``{"name": "linear", "start": 4.0, "end": 1.0}``, as ``distill.temperature`` in YAML, or its JSON text).
+            Per-position temperatures (``flsw``, ``cwsm``) need both models' logits at every position and are
+            refused here (the engine, :class:`~kdistill.distillers.Distiller`, has them).
+        kd_weight: weight of the KD term (≥ 0), a number or a schedule.
+        hard_weight: weight of the student's next-token cross-entropy on the labels (≥ 0), a number or a schedule;
+            the two weights are not both 0 at every step.
         t2_scaling: multiply the KD term by T² (Hinton et al.), so its gradients keep their size when T changes.
         kd_kwargs: extra arguments of the divergence, e.g. ``{"beta": 0.5}`` or ``{"skew": 0.1}``.
         vocab_policy: ``"error"``, ``"truncate"`` or ``"pad"`` when student and teacher vocabularies differ.
@@ -73,15 +79,23 @@ class DistillationArguments(transformers.TrainingArguments):
             distance sorts whole probability rows), on-policy steps (the student's samples have no teacher
             tokenization) or ``teacher_cache`` (a cache holds ids of the teacher's vocabulary and no completion
             offsets).
+        stages: progressive distillation, as ``distill.stages``: ``{"steps": N or None, "weights": {"kd": ...,
+            "hard": ...}}`` per stage, each weight a number or a schedule over the stage's own steps
+            (:class:`~kdistill.distillers.Stage`).
+
+    :meth:`objective` turns the options into the :class:`~kdistill.distillers.Objective` both backends optimize.
 
     Raises:
         InvalidArgumentError: a bad value (the message names the argument), or an old name (naming the new one).
     """
 
     kd_loss: str = field(default="forward_kl", metadata={"help": "Registered divergence name (or alias)."})
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the KD term."})
-    hard_weight: float = field(default=0.0, metadata={"help": "Weight of the next-token cross-entropy term."})
+    # a number, or a schedule: a dict such as {"name": "linear", "start": 4.0, "end": 1.0} (or its JSON text)
+    temperature: float | str | dict[str, Any] = field(default=1.0, metadata={"help": "Softmax temperature (> 0)."})
+    kd_weight: float | str | dict[str, Any] = field(default=1.0, metadata={"help": "Weight of the KD term."})
+    hard_weight: float | str | dict[str, Any] = field(
+        default=0.0, metadata={"help": "Weight of the next-token cross-entropy term."}
+    )
     t2_scaling: bool = field(default=True, metadata={"help": "Multiply the KD term by T²."})
     kd_kwargs: dict[str, Any] | None = field(default=None, metadata={"help": "Divergence arguments."})
     vocab_policy: str = field(default="error", metadata={"help": "error, truncate or pad."})
@@ -96,6 +110,9 @@ class DistillationArguments(transformers.TrainingArguments):
     cross_tokenizer: str | None = field(
         default=None, metadata={"help": "uld or align: a teacher with another tokenizer (None: one tokenizer)."}
     )
+    stages: list[dict[str, Any]] | None = field(
+        default=None, metadata={"help": "Progressive stages: [{'steps': N, 'weights': {'kd': 0.0}}, ...]."}
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: labels and prompt columns must reach compute_loss."}
     )
@@ -105,28 +122,19 @@ class DistillationArguments(transformers.TrainingArguments):
         super().__post_init__()
 
     def _check_distillation_options(self) -> None:
-        if (
-            not isinstance(self.kd_loss, str)
-            or self.kd_loss not in LOSSES
-            or LOSSES.entry(self.kd_loss).kind != ("divergence")
-        ):
+        for name in ("temperature", "kd_weight", "hard_weight"):
+            if isinstance(getattr(self, name), str):  # from a command line: a number or a schedule's JSON
+                setattr(self, name, _schedule_from_text(name, getattr(self, name)))
+        known = isinstance(self.kd_loss, str) and self.kd_loss in LOSSES
+        if not known or LOSSES.entry(self.kd_loss).kind != "divergence":
             raise InvalidArgumentError(
                 f"kd_loss={self.kd_loss!r} is not a registered divergence; choose one of "
                 f"{', '.join(LOSSES.names(kind='divergence'))}"
             )
-        for name in ("temperature", "kd_weight", "hard_weight", "on_policy_fraction", "on_policy_temperature"):
+        for name in ("on_policy_fraction", "on_policy_temperature"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
-        if self.temperature <= 0:
-            raise InvalidArgumentError(f"temperature must be > 0, got {self.temperature!r}")
-        if self.kd_weight < 0 or self.hard_weight < 0:
-            raise InvalidArgumentError(
-                f"kd_weight and hard_weight must be ≥ 0, got kd_weight={self.kd_weight!r} and "
-                f"hard_weight={self.hard_weight!r}"
-            )
-        if self.kd_weight == 0 and self.hard_weight == 0:
-            raise InvalidArgumentError("kd_weight and hard_weight are both 0, so there is nothing to train on")
         if self.vocab_policy not in VOCAB_POLICIES:
             raise InvalidArgumentError(
                 f"vocab_policy={self.vocab_policy!r} is not one of {', '.join(map(repr, VOCAB_POLICIES))}"
@@ -147,6 +155,11 @@ class DistillationArguments(transformers.TrainingArguments):
             raise InvalidArgumentError(
                 f"cache_leftover={self.cache_leftover!r} is not one of {', '.join(map(repr, LEFTOVER_POLICIES))}"
             )
+        if self.teacher_cache is not None and not _is_number(self.temperature):
+            raise InvalidArgumentError(
+                f"temperature={self.temperature!r} cannot be a schedule with teacher_cache: the cached "
+                "log-probabilities were computed at one temperature, the cache's; give that number"
+            )
         if self.teacher_cache is not None and self.on_policy_fraction > 0:
             raise InvalidArgumentError(
                 f"on_policy_fraction={self.on_policy_fraction!r} cannot be used with teacher_cache: the cache holds "
@@ -159,6 +172,64 @@ class DistillationArguments(transformers.TrainingArguments):
             if not isinstance(self.kd_kwargs, Mapping):
                 raise InvalidArgumentError(f"kd_kwargs must be a dict such as {{'beta': 0.5}}, got {self.kd_kwargs!r}")
             self._check_kd_kwargs()
+        self._check_schedules()
+
+    def _check_schedules(self) -> None:
+        """Numbers in range, schedules that build, no per-position temperature, not both weights 0 throughout."""
+        for name in ("temperature", "kd_weight", "hard_weight"):
+            value = getattr(self, name)
+            if _is_number(value):
+                if not math.isfinite(value):
+                    raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
+                if value <= 0 if name == "temperature" else value < 0:
+                    raise InvalidArgumentError(
+                        f"{name} must be {'> 0' if name == 'temperature' else '≥ 0'}, got {value!r}"
+                    )
+            elif not isinstance(value, Mapping):
+                raise InvalidArgumentError(
+                    f"{name} must be a number or a schedule such as {{'name': 'linear', 'start': 1, 'end': 0}}, "
+                    f"got {value!r}"
+                )
+        try:
+            objective = self.objective()
+        except KdistillError as error:
+            raise InvalidArgumentError(f"the distillation schedule arguments: {error}") from None
+        if objective.temperature.per_position is not None:
+            raise InvalidArgumentError(
+                f"temperature={self.temperature!r}: per-position temperatures (flsw, cwsm) need both models' logits "
+                "at every position, which DistillationTrainer does not keep (its chunked path never builds them); "
+                "give a number or a schedule, or use the engine (training.backend: engine)"
+            )
+        if not objective.active_terms():
+            raise InvalidArgumentError("kd_weight and hard_weight are both 0, so there is nothing to train on")
+
+    def objective(self) -> Objective:
+        """The :class:`~kdistill.distillers.Objective` of these arguments (KD term, hard-label term, stages).
+
+        ``vocab_policy`` stays apart (the LM losses take it as an argument), so ``kd_kwargs`` are the divergence's.
+        """
+        if self.stages is not None and not (
+            isinstance(self.stages, (list, tuple)) and all(isinstance(stage, Mapping) for stage in self.stages)
+        ):
+            raise InvalidArgumentError(
+                f"stages must be a list of dicts such as {{'steps': 10, 'weights': {{'kd': 0.0}}}}, got "
+                f"{self.stages!r}"
+            )
+        stages = []
+        for index, stage in enumerate(self.stages or []):
+            unknown = sorted(set(stage) - {"steps", "weights"})
+            if unknown:
+                raise InvalidArgumentError(f"stages[{index}] has {unknown[0]!r}; a stage has 'steps' and 'weights'")
+            stages.append(Stage(steps=stage.get("steps"), weights=dict(stage.get("weights") or {})))
+        return Objective(
+            kd_loss=self.kd_loss,
+            kd_weight=self.kd_weight,
+            hard_weight=self.hard_weight,
+            temperature=self.temperature,
+            t2_scaling=self.t2_scaling,
+            kd_kwargs=self.kd_kwargs,
+            stages=stages or None,
+        )
 
     def _check_cross_tokenizer(self) -> None:
         """What ``cross_tokenizer`` cannot be combined with, refused by name (each would be silently wrong)."""
@@ -203,6 +274,21 @@ class DistillationArguments(transformers.TrainingArguments):
             ) from None
         except KdistillError as error:
             raise InvalidArgumentError(f"kd_kwargs of kd_loss={self.kd_loss!r}: {error}") from None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _schedule_from_text(name: str, text: str) -> float | dict[str, Any]:
+    """A number or schedule given as text (a command line's ``--kd_weight '{"name": "linear", ...}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return {"name": text}  # a schedule's bare name, e.g. "flsw" (refused) or an unknown name (named by the error)
+    if _is_number(value) or isinstance(value, dict):
+        return value
+    raise InvalidArgumentError(f"{name}={text!r} is neither a number nor a schedule dict")
 
 
 def _refusing_old_names(init: Callable[..., None]) -> Callable[..., None]:

@@ -1,22 +1,24 @@
 """Token-level causal-LM distillation inside the Hugging Face ``Trainer``: :class:`DistillationTrainer`.
 
-The trainer is a ``transformers.Trainer`` whose ``compute_loss`` is
-:func:`kdistill.distillers.lm_loss.causal_lm_loss_sums`:
+The trainer optimizes the engine's :class:`~kdistill.distillers.Objective` (``args.objective()``): the KD term and the
+hard-label term, their weights and the temperature on schedules over the optimizer steps, and ``stages``. Per
+micro-batch the loss is :func:`kdistill.distillers.normalized_loss`, the engine's own normalization:
 
-``loss = (kd_weight · T² · KD_sum + hard_weight · CE_sum) / N``
+``loss = Σ_term weight(step) · term_sum / N_term``   (the KD sum × T(step)² by ``Objective.kd_value``)
 
-where both sums run over the counted next-token positions of the micro-batch (``labels[t + 1] != -100``) and ``N``
-is the number of such positions over *all* micro-batches of the optimizer step (and all processes). So gradient
-accumulation 4 × 2 gives exactly the update of 1 × 8, and two processes that of one: a per-micro-batch mean, as
-``Trainer`` computes for models without loss kwargs, would give short micro-batches too much weight.
+where each sum runs over its units in the micro-batch and ``N_term`` counts those units over *all* micro-batches of
+the optimizer step (and all processes): the counted next-token positions (``labels[t + 1] != -100``) for the KD and
+hard-label terms, or for a teacher with another tokenizer the KD term's paired positions / aligned groups
+(``"aligned_pairs"``). So gradient accumulation 4 × 2 gives exactly the update of 1 × 8, and two processes that of
+one: a per-micro-batch mean, as ``Trainer`` computes for models without loss kwargs, would give short micro-batches
+too much weight.
 
 How that fits the Trainer of transformers 5.x: ``Trainer.get_batch_samples`` collects the micro-batches of one
-optimizer step and counts ``num_items_in_batch`` for them; its own count uses ``labels[..., 1:]`` only when it
-recognizes the model's loss as a causal-LM loss, and only when the model accepts loss kwargs. This class overrides
-``get_batch_samples`` to always count with :func:`kdistill.core.shift.counted_next_tokens` (summed over processes
-unless ``average_tokens_across_devices=False``), sets ``loss_is_scaled_for_ga = True`` (so ``training_step`` does
-not divide by the accumulation steps again) and multiplies the loss by the number of processes, because DDP
-averages gradients.
+optimizer step and counts ``num_items_in_batch`` for them. This class overrides it to count every unit before any
+forward (:meth:`DistillationTrainer.unit_counts`, summed over processes unless
+``average_tokens_across_devices=False``), returns the counted next tokens as ``num_items_in_batch``, sets
+``loss_is_scaled_for_ga = True`` (so ``training_step`` does not divide by the accumulation steps again) and multiplies
+the loss by the number of processes, because DDP averages gradients.
 
 The teacher is kept out of ``self.model``: it is never wrapped by DDP/accelerate, never saved, frozen and in eval
 mode, and moved to the student's device at the first loss computation.
@@ -32,8 +34,7 @@ A teacher with another tokenizer: with ``cross_tokenizer`` (``"uld"`` or ``"alig
 own tokenization of the same records (``batch["teacher"]``, from :func:`kdistill.data.sft.render_sft`) and the KD term
 is :func:`kdistill.distillers.lm_cross.cross_tokenizer_loss_sums`: the ULD distance between sorted next-token
 probabilities, positions paired in order (``"uld"``) or by the completion characters they are about to emit
-(``"align"``). Its sum is divided by the same count N (the student's counted next tokens), so accumulation stays exact
-here too.
+(``"align"``), divided by the step's count of those pairs or groups, as the engine's cross-tokenizer KD term is.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ from torch import nn
 
 from kdistill.core.shift import counted_next_tokens
 from kdistill.distillers.lm_cached import cached_lm_loss_sums
-from kdistill.distillers.lm_cross import cross_tokenizer_loss_sums
+from kdistill.distillers.lm_cross import UNIT as CROSS_UNIT
+from kdistill.distillers.lm_cross import aligned_pair_count, cross_tokenizer_loss_sums
 from kdistill.distillers.lm_heads import lm_head_of
-from kdistill.distillers.lm_loss import LMLossSums, causal_lm_loss_sums
+from kdistill.distillers.lm_loss import causal_lm_loss_sums
+from kdistill.distillers.objective import TermValue, normalized_loss
 from kdistill.errors import InvalidArgumentError
 from kdistill.integrations.arguments import DistillationArguments
 from kdistill.integrations.on_policy import draw_on_policy, sample_on_policy_batch
@@ -127,10 +130,11 @@ class DistillationTrainer(transformers.Trainer):
             )
         if model is None:
             raise InvalidArgumentError("model (the student) is required; model_init is not supported")
+        objective = args.objective()
         cached = args.teacher_cache is not None or is_cached_collate(kwargs.get("data_collator"))
         if cached:
             check_cached_setup(model, teacher_model, args, kwargs)
-        elif teacher_model is None and args.kd_weight != 0.0:
+        elif teacher_model is None and "kd" in objective.active_terms():
             raise InvalidArgumentError(
                 "teacher_model is required when kd_weight != 0: a causal LM or a path / hub id to load one, or "
                 "teacher_cache (kd_weight=0 with hard_weight > 0 trains on the labels alone, SFT, without a teacher)"
@@ -152,9 +156,12 @@ class DistillationTrainer(transformers.Trainer):
             kwargs["data_collator"] = cached_collator(kwargs["data_collator"], args)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher
+        self.objective = objective
         self.last_on_policy_batches: list[dict[str, torch.Tensor]] | None = None
-        # [KD sum, CE sum, counted positions] of the training micro-batches since the last log
-        self._term_totals = torch.zeros(3, dtype=torch.float64)
+        # the latest optimizer step's count of counted next tokens and its units of every kind (see unit_counts)
+        self._step_counts: tuple[torch.Tensor, dict[str, float]] | None = None
+        # [KD sum, hard sum, KD units, hard units] of the training micro-batches since the last log
+        self._term_totals = torch.zeros(4, dtype=torch.float64)
 
     # ---------------------------------------------------------------- the loss
 
@@ -165,99 +172,89 @@ class DistillationTrainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """``(kd_weight · T² · KD_sum + hard_weight · CE_sum) / N`` for one micro-batch.
+        """``Σ weight · term sum / N_unit`` for one micro-batch (by :func:`~kdistill.distillers.normalized_loss`).
 
-        In training ``N`` is ``num_items_in_batch`` as :meth:`get_batch_samples` counts it: the counted next-token
-        positions of every micro-batch of the optimizer step, summed over processes (the loss is then multiplied by
-        the number of processes, since DDP averages gradients). In evaluation (or when ``num_items_in_batch`` is
-        None) ``N`` is this batch's own count, so the loss is the batch's mean per counted token. With
-        ``cross_tokenizer`` the KD sum is the ULD distance summed over paired positions or aligned groups
-        (:func:`kdistill.distillers.lm_cross.cross_tokenizer_loss_sums`) and ``N`` is still the student's count.
+        The terms are the objective's (:meth:`DistillationArguments.objective`): ``"kd"`` (× T² by
+        :meth:`~kdistill.distillers.Objective.kd_value`) and ``"hard"``, with their weights and the temperature at
+        the current optimizer step (schedules and stages). In training ``N_unit`` is each term's unit counted by
+        :meth:`get_batch_samples` over every micro-batch of the optimizer step and summed over processes (the loss is
+        then multiplied by the number of processes, since DDP averages gradients): the counted next-token positions,
+        or with ``cross_tokenizer`` the KD term's paired positions or aligned groups. A ``num_items_in_batch`` that
+        does not come from :meth:`get_batch_samples` is taken as the step's count of next tokens (other units are the
+        batch's own). In evaluation (or when ``num_items_in_batch`` is None) the counts are this batch's own, so the
+        loss is the batch's mean per unit.
         """
         args: DistillationArguments = self.args  # type: ignore[assignment]
+        step, total_steps = self.state.global_step, max(self.state.max_steps, self.state.global_step + 1, 1)
+        weights = self.objective.weights(step, total_steps)
+        temperature = float(self.objective.temperature(step, total_steps))
+        kd_weight, hard_weight = weights.get("kd", 0.0), weights.get("hard", 0.0)
+        kd_unit = "logit_positions"
         if "teacher_topk" in inputs:  # the teacher's outputs read from a cache: the teacher does not run
             sums = cached_lm_loss_sums(
-                model,
-                inputs,
-                inputs["teacher_topk"],
-                divergence=args.kd_loss,
-                temperature=args.temperature,
-                leftover_policy=args.cache_leftover,
-                kd_weight=args.kd_weight,
-                hard_weight=args.hard_weight,
-                chunked=args.chunked_loss,
-                chunk_size=args.chunk_size,
-                kd_kwargs=args.kd_kwargs,
-            )
-            return self._finish_loss(model, sums, return_outputs, num_items_in_batch)
-        if self.teacher is None and args.kd_weight != 0:
+                model, inputs, inputs["teacher_topk"], divergence=self.objective.kd_loss, temperature=temperature,
+                leftover_policy=args.cache_leftover, kd_weight=kd_weight, hard_weight=hard_weight,
+                chunked=args.chunked_loss, chunk_size=args.chunk_size, kd_kwargs=self.objective.kd_kwargs,
+            )  # fmt: skip
+        elif self.teacher is None and kd_weight != 0:
             raise InvalidArgumentError(
                 "kd_weight != 0 but there is no teacher and the batch carries no cached teacher outputs "
                 "('teacher_topk'); was this batch collated without the cache?"
             )
-        self._teacher_to(_device_of(inputs))
-        if args.cross_tokenizer is not None:
+        elif args.cross_tokenizer is not None:
+            self._teacher_to(_device_of(inputs))
+            kd_unit = CROSS_UNIT
             sums = cross_tokenizer_loss_sums(
-                model,
-                self.teacher,
-                inputs,
-                method=args.cross_tokenizer,
-                temperature=args.temperature,
-                kd_weight=args.kd_weight,
-                hard_weight=args.hard_weight,
-            )
-            return self._finish_loss(model, sums, return_outputs, num_items_in_batch)
-        if args.kd_weight != 0:
-            check_one_tokenization(inputs)
-        sums = causal_lm_loss_sums(
-            model,
-            self.teacher,
-            inputs,
-            divergence=args.kd_loss,
-            temperature=args.temperature,
-            kd_weight=args.kd_weight,
-            hard_weight=args.hard_weight,
-            vocab_policy=args.vocab_policy,
-            chunked=args.chunked_loss,
-            chunk_size=args.chunk_size,
-            teacher_inputs=inputs.get("teacher"),
-            kd_kwargs=args.kd_kwargs,
-        )
-        return self._finish_loss(model, sums, return_outputs, num_items_in_batch)
-
-    def _finish_loss(
-        self,
-        model: nn.Module,
-        sums: LMLossSums,
-        return_outputs: bool,
-        num_items_in_batch: torch.Tensor | int | None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """Weight the sums, divide by the step's global count (or the batch's own), record the terms."""
-        args: DistillationArguments = self.args  # type: ignore[assignment]
-        kd_factor = args.kd_weight * (args.temperature**2 if args.t2_scaling else 1.0)
-        terms = []
-        if sums.kd_sum is not None:
-            terms.append(kd_factor * sums.kd_sum)
-        if sums.hard_sum is not None:
-            terms.append(args.hard_weight * sums.hard_sum)
-        total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-        training = model.training and num_items_in_batch is not None
-        if training:
-            divisor = num_items_in_batch
-            if isinstance(divisor, torch.Tensor):
-                divisor = divisor.to(total.device).clamp_min(1)
-            else:
-                divisor = max(int(divisor), 1)  # type: ignore[arg-type]
-            loss = total / divisor
-            if args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                loss = loss * self.accelerator.num_processes
-            self._record_terms(sums.kd_sum, sums.hard_sum, sums.count)
+                model, self.teacher, inputs, method=args.cross_tokenizer, temperature=temperature,
+                kd_weight=kd_weight, hard_weight=hard_weight,
+            )  # fmt: skip
         else:
-            loss = total / max(sums.count, 1)
+            self._teacher_to(_device_of(inputs))
+            if kd_weight != 0:
+                check_one_tokenization(inputs)
+            sums = causal_lm_loss_sums(
+                model, self.teacher, inputs, divergence=self.objective.kd_loss, temperature=temperature,
+                kd_weight=kd_weight, hard_weight=hard_weight, vocab_policy=args.vocab_policy,
+                chunked=args.chunked_loss, chunk_size=args.chunk_size, teacher_inputs=inputs.get("teacher"),
+                kd_kwargs=self.objective.kd_kwargs,
+            )  # fmt: skip
+        terms: dict[str, TermValue] = {}
+        if sums.kd_sum is not None:
+            terms["kd"] = self.objective.kd_value(sums.kd_sum, temperature, kd_unit)
+        if sums.hard_sum is not None:
+            terms["hard"] = TermValue(sums.hard_sum, "label_positions")
+        own = self.unit_counts(inputs, with_kd=kd_weight != 0)
+        if model.training and num_items_in_batch is not None:
+            world = self.accelerator.num_processes if args.average_tokens_across_devices else 1
+            loss = normalized_loss(terms, weights, self._counts_for(num_items_in_batch, own), world_size=world)
+            self._record_terms(sums.kd_sum, sums.hard_sum, own[kd_unit] if sums.kd_sum is not None else 0.0, own)
+        else:
+            loss = normalized_loss(terms, weights, own)
         if return_outputs:
             outputs = {} if sums.student_logits is None else {"logits": sums.student_logits}
             return loss, outputs
         return loss
+
+    def unit_counts(self, batch: Mapping[str, Any], *, with_kd: bool = True) -> dict[str, float]:
+        """The units each term of ``batch`` counts, from its labels (and offsets) alone, before any forward.
+
+        ``"logit_positions"`` and ``"label_positions"``: the counted next-token positions; with ``cross_tokenizer``
+        (and ``with_kd``) also ``"aligned_pairs"``, what the cross-tokenizer KD sum counts
+        (:func:`kdistill.distillers.lm_cross.aligned_pair_count`).
+        """
+        tokens = float(counted_next_tokens(batch["labels"]).sum())
+        counts = {"logit_positions": tokens, "label_positions": tokens}
+        args: DistillationArguments = self.args  # type: ignore[assignment]
+        if args.cross_tokenizer is not None and with_kd:
+            counts[CROSS_UNIT] = float(aligned_pair_count(batch, args.cross_tokenizer))
+        return counts
+
+    def _counts_for(self, num_items_in_batch: torch.Tensor | int, own: dict[str, float]) -> dict[str, float]:
+        """The optimizer step's global unit counts for the loss (see :meth:`compute_loss`)."""
+        if self._step_counts is not None and self._step_counts[0] is num_items_in_batch:
+            return self._step_counts[1]
+        tokens = float(num_items_in_batch)
+        return {**own, "logit_positions": tokens, "label_positions": tokens}
 
     def _teacher_to(self, device: torch.device | None) -> None:
         if device is None or self.teacher is None:
@@ -266,30 +263,34 @@ class DistillationTrainer(transformers.Trainer):
         if parameter is not None and parameter.device != device:
             self.teacher.to(device)
 
-    def _record_terms(self, kd_sum: torch.Tensor | None, ce_sum: torch.Tensor | None, count: int) -> None:
-        """Accumulate the terms on their device (no synchronization per micro-batch); read at the next log."""
-        reference = kd_sum if kd_sum is not None else ce_sum
-        assert reference is not None  # at least one weight is nonzero
+    def _record_terms(
+        self, kd_sum: torch.Tensor | None, hard_sum: torch.Tensor | None, kd_units: float, counts: Mapping[str, float]
+    ) -> None:
+        """Accumulate the unweighted sums (the KD one before T²) and their units on the sums' device; read at the next
+        log, so there is no synchronization per micro-batch."""
+        reference = kd_sum if kd_sum is not None else hard_sum
+        assert reference is not None  # normalized_loss refused a step without terms
         if self._term_totals.device != reference.device:
             self._term_totals = self._term_totals.to(reference.device)
         zero = reference.new_zeros((), dtype=torch.float64)
-        values = [zero if t is None else t.detach().to(torch.float64) for t in (kd_sum, ce_sum)]
-        self._term_totals += torch.stack([*values, zero + count])
+        sums = [zero if t is None else t.detach().to(torch.float64) for t in (kd_sum, hard_sum)]
+        hard_units = counts["label_positions"] if hard_sum is not None else 0.0
+        self._term_totals += torch.stack([*sums, zero + kd_units, zero + hard_units])
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add ``kd_loss`` and ``ce_loss`` (mean per counted token since the last log, unweighted) to training logs."""
+        """Add ``kd_loss`` and ``ce_loss`` to training logs: each term's mean per unit since the last log, unweighted
+        and without T²."""
         if "loss" in logs:
             totals = self._term_totals
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
-            kd_total, ce_total, count = (float(v) for v in totals.cpu())
-            args: DistillationArguments = self.args  # type: ignore[assignment]
-            if count > 0:
-                if args.kd_weight != 0:
-                    logs["kd_loss"] = kd_total / count
-                if args.hard_weight != 0:
-                    logs["ce_loss"] = ce_total / count
-            self._term_totals = torch.zeros(3, dtype=torch.float64)
+            kd_total, hard_total, kd_units, hard_units = (float(v) for v in totals.cpu())
+            active = self.objective.active_terms()
+            if "kd" in active and kd_units > 0:
+                logs["kd_loss"] = kd_total / kd_units
+            if "hard" in active and hard_units > 0:
+                logs["ce_loss"] = hard_total / hard_units
+            self._term_totals = torch.zeros(4, dtype=torch.float64)
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------- normalization and on-policy steps
@@ -298,6 +299,10 @@ class DistillationTrainer(transformers.Trainer):
         self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
     ) -> tuple[list[Any], torch.Tensor | None]:
         """The micro-batches of one optimizer step, and their count of counted next-token positions.
+
+        Every unit the step's terms count (:meth:`unit_counts`) is summed over the micro-batches and, unless
+        ``average_tokens_across_devices=False``, over processes, before any forward; :meth:`compute_loss` divides by
+        these counts.
 
         With probability ``on_policy_fraction`` (drawn from a generator seeded by ``(seed, global_step)``, so runs
         and resumed runs draw alike) the step is on-policy: every micro-batch is replaced by the student's samples
@@ -314,11 +319,20 @@ class DistillationTrainer(transformers.Trainer):
             batches = [self.on_policy_batch(batch) for batch in batches]
             self.last_on_policy_batches = batches
         if not batches or not all(isinstance(b, Mapping) and "labels" in b for b in batches):
+            self._step_counts = None
             return batches, None
-        count = sum(int(counted_next_tokens(batch["labels"]).sum()) for batch in batches)
-        num_items = torch.tensor(count, dtype=torch.long, device=device)
+        with_kd = self.objective.weights(self.state.global_step, max(self.state.max_steps, 1)).get("kd", 0.0) != 0
+        counts: dict[str, float] = {}
+        for batch in batches:
+            for unit, count in self.unit_counts(batch, with_kd=with_kd).items():
+                counts[unit] = counts.get(unit, 0.0) + count
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            num_items = self.accelerator.reduce(num_items, reduction="sum")
+            keys = sorted(counts)
+            summed = torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=device)
+            summed = self.accelerator.reduce(summed, reduction="sum")
+            counts = dict(zip(keys, summed.tolist(), strict=True))
+        num_items = torch.tensor(int(counts["label_positions"]), dtype=torch.long, device=device)
+        self._step_counts = (num_items, counts)
         return batches, num_items
 
     def _draw_on_policy(self) -> bool:

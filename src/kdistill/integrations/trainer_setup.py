@@ -74,6 +74,11 @@ def check_cached_setup(
             )
     reader = collator.reader if is_cached_collate(collator) else open_cache(args.teacher_cache)
     manifest = reader.manifest
+    if not isinstance(args.temperature, (int, float)):
+        raise InvalidArgumentError(
+            f"temperature={args.temperature!r} cannot be a schedule with a teacher cache: the cached "
+            "log-probabilities were computed at one temperature, the cache's; give that number"
+        )
     if not math.isclose(float(manifest["temperature"]), float(args.temperature)):
         raise CacheMismatchError(
             f"cache manifest field 'temperature' is {float(manifest['temperature'])!r} but the arguments have "

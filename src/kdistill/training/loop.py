@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from kdistill.distillers.objective import normalized_loss
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.training.checkpoint import (
     latest_checkpoint,
@@ -357,8 +358,8 @@ def train(
                 with context:
                     with accelerator.autocast():
                         terms = distiller.compute_terms(module, batch, weights, state["step"], total_steps)
-                        loss = _combine(terms, weights, counts)
-                    accelerator.backward(loss * world)
+                        loss = normalized_loss(terms, weights, counts, world_size=world)
+                    accelerator.backward(loss)
                 for name, term in terms.items():
                     term_logs[name] = term_logs.get(name, 0.0) + float(term.total.detach()) / max(
                         counts[term.unit], 1.0
@@ -434,22 +435,6 @@ def train(
     return TrainResult(
         output_dir, student_dir, state["step"], state["best_metric"], state["best_step"], history, stopped_early
     )
-
-
-def _combine(
-    terms: Mapping[str, Any], weights: Mapping[str, float] | None, counts: Mapping[str, float]
-) -> torch.Tensor:
-    """Σ weight · (term sum / global count of its units) for one micro-batch."""
-    loss = None
-    for name, term in terms.items():
-        weight = 1.0 if weights is None else weights.get(name, 0.0)
-        if weight == 0.0:
-            continue
-        value = term.total * (weight / max(counts[term.unit], 1.0))
-        loss = value if loss is None else loss + value
-    if loss is None:
-        raise KdistillError("no loss term has a non-zero weight at this step")
-    return loss
 
 
 def _global_counts(distiller: Any, window: list[Any], accelerator: Any) -> dict[str, float]:
