@@ -150,7 +150,24 @@ def test_baseline_is_sft_without_a_teacher(lm_run: dict) -> None:
         ({"distill": {"layer_map": "uniform"}}, "distill.layer_map"),
         ({"distill": {"kd_weight": 0.0}}, "mode 'baseline'"),
         ({"mode": "train_teacher"}, "train_teacher"),
-        ({"distill": {"temperature": {"name": "linear", "start": 2.0, "end": 1.0}}}, "distill.temperature"),
+        (
+            {"distill": {"temperature": {"name": "flsw", "beta": 1.0, "gamma": 1.0}}},
+            r"distill.temperature.*backend: engine",
+        ),
+        (
+            {"distill": {"matches": [{"teacher": "layer 2", "student": "layer 1"}]}},
+            r"distill.matches.*backend: engine",
+        ),
+        ({"extra_teachers": [{"path": "x"}]}, r"extra_teachers.*backend: engine"),
+        ({"training": {"metric_for_best": "perplexity"}}, r"training.metric_for_best.*backend: engine"),
+        ({"distill": {"stages": [{"steps": 2, "weights": {"hidden": 0.0}}]}}, "'hidden', which is not a term"),
+        ({"training": {"backend": "engine"}, "distill": {"chunked_loss": True}}, r"chunked_loss.*backend: trainer"),
+        ({"training": {"backend": "engine"}, "student": {"lora": {"r": 2}}}, r"student.lora.*backend: trainer"),
+        ({"training": {"backend": "engine"}, "distill": {"on_policy_fraction": 0.5}}, r"on_policy.*backend: trainer"),
+        (
+            {"training": {"backend": "engine"}, "distill": {"cross_tokenizer": "uld"}},
+            r"cross_tokenizer.*backend: trainer",
+        ),
     ],
 )
 def test_what_causal_lm_runs_do_not_do_is_refused_by_name(lm_run: dict, change: dict, message: str) -> None:

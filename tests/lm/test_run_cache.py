@@ -33,7 +33,8 @@ def run_yaml(tmp_path: Path) -> Path:
         "teacher": {"path": str(write_model(tmp_path / "teacher"))},
         "student": {"kind": "from_teacher", "layers": [0, 3]},
         "distill": {"kd_loss": "forward_kl", "kd_weight": 1.0, "hard_weight": 0.5, "temperature": 2.0},
-        "training": {"max_steps": 6, "batch_size": 4, "optimizer": "sgd", "learning_rate": 0.05,
+        # plain SGD (the Trainer backend takes training.sgd_momentum, 0.9 by default, since both backends do)
+        "training": {"max_steps": 6, "batch_size": 4, "optimizer": "sgd", "sgd_momentum": 0.0, "learning_rate": 0.05,
                      "lr_scheduler": "constant", "max_grad_norm": None, "log_with": [], "progress": False},
     }  # fmt: skip
     path = tmp_path / "run.yaml"

@@ -83,6 +83,9 @@ class TrainingConfig(Strict):
     early_stopping_patience: int | None = Field(None, gt=0)
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
+    # what trains: "engine" (kdistill's accelerate loop) or "trainer" (DistillationTrainer, transformers.Trainer;
+    # task causal_lm only); null: the task's default (trainer for causal_lm, engine for the others)
+    backend: Literal["engine", "trainer"] | None = None
 
 
 class TeacherConfig(Strict):
@@ -208,6 +211,15 @@ class RunConfig(Strict):
             raise ValueError(f"mode {self.mode!r} needs a teacher section (teacher.path)")
         if self.extra_teachers and self.mode != "distill":
             raise ValueError("extra_teachers only make sense with mode 'distill'")
+        trainer_sections = [("training", self.training)]
+        if self.teacher is not None:
+            trainer_sections.append(("teacher.fine_tune_training", self.teacher.fine_tune_training))
+        for name, section in trainer_sections:
+            if section.backend == "trainer" and (self.task != "causal_lm" or name != "training"):
+                raise ValueError(
+                    f"{name}.backend 'trainer' (DistillationTrainer, a transformers.Trainer) trains causal LMs only "
+                    f"(task causal_lm); task {self.task} trains on 'engine'"
+                )
         if self.mode == "baseline" and self.student.kind == "from_teacher" and self.teacher is None:
             raise ValueError("student.kind 'from_teacher' needs a teacher section to copy layers from")
         return self

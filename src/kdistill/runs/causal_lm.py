@@ -1,27 +1,39 @@
-"""A causal-LM run from a :class:`~kdistill.config.RunConfig` (``task: causal_lm``), through the Trainer integration.
+"""A causal-LM run from a :class:`~kdistill.config.RunConfig` (``task: causal_lm``), on either training backend.
 
-``kdistill train`` hands causal-LM runs here, so the CLI and :class:`~kdistill.integrations.hf.DistillationTrainer`
-share one implementation of the loss (global token normalization, vocabulary policy, chunked loss, on-policy
-batches, LoRA). Data, tokenizer, teacher and student come from the same builders as every other run
+``training.backend`` chooses what trains the student; both optimize one :class:`~kdistill.distillers.Objective`
+(the same KD terms, T² and normalization by each term's global unit count), so on the same batches with the same
+optimizer they end with the same weights:
+
+* ``trainer`` (the default): :class:`~kdistill.integrations.DistillationTrainer`, a ``transformers.Trainer``: chunked
+  loss, on-policy batches, LoRA students, a teacher with another tokenizer; weights and temperature on schedules and
+  ``stages``. Refused by name, with the engine suggested: intermediate matches, several teachers, per-position
+  temperatures, ``metric_for_best`` and early stopping.
+* ``engine``: kdistill's loop (:func:`kdistill.training.train`) with a :class:`~kdistill.distillers.Distiller` over
+  :class:`~kdistill.tasks.causal_lm.CausalLMView`: everything the encoder runs have (matches and ``layer_map``, several
+  teachers, per-position temperatures, ``metric_for_best``, early stopping, best model). Refused by name, with the
+  trainer suggested: ``cross_tokenizer``, on-policy steps, ``chunked_loss``, ``student.lora``.
+
+Data, tokenizer, teacher and student come from the same builders as every other run
 (:func:`kdistill.runs.parts.build_parts`); the run directory holds the same ``run.json``, ``config.yaml``,
-``student/`` and ``eval.json`` (perplexity, next-token accuracy and, with a teacher, agreement and KL to it).
-A LoRA student is saved twice: its adapter in ``student_adapter/`` and, merged into the base weights, as a plain
-model in ``student/`` (what every other run writes, loadable with ``AutoModelForCausalLM.from_pretrained``).
+``student/`` and ``eval.json`` (perplexity, next-token accuracy and, with a teacher, agreement and KL to it) on both
+backends. A LoRA student is saved twice: its adapter in ``student_adapter/`` and, merged into the base weights, as a
+plain model in ``student/`` (what every other run writes, loadable with ``AutoModelForCausalLM.from_pretrained``).
 
 With ``distill.teacher_cache`` (a directory ``kdistill cache RUN.yaml`` wrote) the teacher never runs: its cached
-top-k log-probabilities are the KD term's teacher (see :class:`~kdistill.integrations.hf.DistillationTrainer`). The
-cache's manifest must match the run (teacher, teacher tokenizer, training examples in order, temperature) or the
-run is refused, naming the field, before anything is written. The teacher is still loaded when the student is built
-from it (``student.kind: from_teacher`` or ``shrink``), as in the engine's runs, and dropped before training.
-Evaluation then has no teacher: ``eval.json`` has perplexity and next-token accuracy, and its ``not_measured``
-entry says that agreement and KL to the teacher were not computed, and why.
+top-k log-probabilities are the KD term's teacher. The cache's manifest must match the run (teacher, teacher
+tokenizer, training examples in order, temperature) or the run is refused, naming the field, before anything is
+written. The teacher is still loaded when the student is built from it (``student.kind: from_teacher`` or
+``shrink``), and dropped before training. Evaluation then has no teacher: ``eval.json`` has perplexity and
+next-token accuracy, and its ``not_measured`` entry says that agreement and KL to the teacher were not computed, and
+why.
 
 With ``distill.cross_tokenizer`` (``uld`` or ``align``) the teacher and the student each keep their own tokenizer (a
 student with ``kind: pretrained`` brings its own): every example carries the teacher's rendering of the same record,
-and the KD term is the ULD distance of :mod:`kdistill.distillers.lm_cross`. ``align`` needs each token's characters within the
-completion, so the records are rendered once more with ``offsets=True`` (checked to give the same ids). Without it,
-a teacher whose tokenizer differs is refused, naming both tokenizers and suggesting the option. Agreement and KL to
-the teacher compare distributions over one vocabulary, so ``eval.json`` marks them ``not_measured`` here too.
+and the KD term is the ULD distance of :mod:`kdistill.distillers.lm_cross`. ``align`` needs each token's characters
+within the completion, so the records are rendered once more with ``offsets=True`` (checked to give the same ids).
+Without it, a teacher whose tokenizer differs is refused, naming both tokenizers and suggesting the option.
+Agreement and KL to the teacher compare distributions over one vocabulary, so ``eval.json`` marks them
+``not_measured`` here too.
 """
 
 from __future__ import annotations
@@ -30,11 +42,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from kdistill._io import write_json_atomically
 from kdistill.cache import with_cache_index
 from kdistill.config import RunConfig
 from kdistill.data.sft_collate import SFTCollator
+from kdistill.distillers import Distiller, MultiTeacherDistiller, Objective, Stage, SupervisedTrainer
 from kdistill.errors import InvalidArgumentError, KdistillError
+from kdistill.integrations.arguments import DistillationArguments
+from kdistill.integrations.trainer import DistillationTrainer
+from kdistill.runs.cache_checks import cached_teacher_parts
 from kdistill.runs.causal_lm_parts import (
     causal_lm_parts,
     check_teacher_cache,
@@ -43,7 +61,12 @@ from kdistill.runs.causal_lm_parts import (
     pad_id,
     with_completion_offsets,
 )
+from kdistill.runs.engine import Collate, make_training_config
+from kdistill.runs.parts import RunParts, build_objective
 from kdistill.runs.records import RunResult, check_output_dir, recorded_run
+from kdistill.schedules import TEMPERATURE_SCHEDULES
+from kdistill.tasks.causal_lm import CausalLMView
+from kdistill.training import train
 
 # what eval.json says in place of the teacher metrics when a cache stood in for the teacher
 CACHE_NOT_MEASURED = (
@@ -56,8 +79,13 @@ CROSS_NOT_MEASURED = (
 )
 
 
+def causal_lm_backend(config: RunConfig) -> str:
+    """``training.backend`` of a causal-LM run: ``"trainer"`` (DistillationTrainer, the default) or ``"engine"``."""
+    return config.training.backend or "trainer"
+
+
 def check_causal_lm_config(config: RunConfig) -> None:
-    """Refuse, before anything is loaded, what a causal-LM run does not do (naming the field)."""
+    """Refuse, before anything is loaded, what a causal-LM run does not do (naming the field and the reason)."""
     spec = config.distill
     if config.mode == "train_teacher":
         raise InvalidArgumentError(
@@ -66,8 +94,6 @@ def check_causal_lm_config(config: RunConfig) -> None:
         )
     if config.teacher is not None and config.teacher.fine_tune:
         raise InvalidArgumentError("teacher.fine_tune is not available for task causal_lm; use teacher.adapter")
-    if config.extra_teachers:
-        raise InvalidArgumentError("extra_teachers is not available for task causal_lm (one teacher)")
     if spec.cross_tokenizer is not None and config.mode == "distill":
         method = f"distill.cross_tokenizer={spec.cross_tokenizer!r}"
         if spec.teacher_cache is not None:
@@ -90,33 +116,82 @@ def check_causal_lm_config(config: RunConfig) -> None:
                 f"distill.kd_kwargs ({', '.join(sorted(spec.kd_kwargs))}) cannot be used with {method}: the KD term "
                 "is the ULD distance, which takes no arguments and maps no vocabulary; remove them"
             )
-    if spec.teacher_cache is not None and config.mode == "distill":
-        if spec.on_policy_fraction > 0:
-            raise InvalidArgumentError(
-                f"distill.on_policy_fraction={spec.on_policy_fraction} cannot be used with distill.teacher_cache: "
-                "the teacher never scored the student's own samples; set it to 0 or run the teacher live"
-            )
-        if config.training.eval_every:
-            raise InvalidArgumentError(
-                "training.eval_every cannot be used with distill.teacher_cache for task causal_lm: the cache holds "
-                "the teacher's outputs on the training examples only; the evaluation after training still runs"
-            )
-    if spec.layer_map is not None or spec.matches or spec.stages:
+    if spec.teacher_cache is not None and config.mode == "distill" and spec.on_policy_fraction > 0:
         raise InvalidArgumentError(
-            "distill.layer_map, distill.matches and distill.stages are not available for task causal_lm; "
-            "it distils the output distributions (distill.kd_loss)"
+            f"distill.on_policy_fraction={spec.on_policy_fraction} cannot be used with distill.teacher_cache: "
+            "the teacher never scored the student's own samples; set it to 0 or run the teacher live"
         )
-    for name in ("kd_weight", "hard_weight", "temperature"):
-        if not isinstance(getattr(spec, name), (int, float)):
-            raise InvalidArgumentError(f"distill.{name} must be a number for task causal_lm (no schedule)")
-    if config.mode == "distill" and float(spec.kd_weight) == 0.0:
+    if causal_lm_backend(config) == "trainer":
+        _check_trainer_backend(config)
+    else:
+        _check_engine_backend(config)
+    if config.mode == "distill" and isinstance(spec.kd_weight, (int, float)) and float(spec.kd_weight) == 0.0:
         raise InvalidArgumentError("distill.kd_weight is 0: use mode 'baseline' for SFT without a teacher")
+
+
+def _check_trainer_backend(config: RunConfig) -> None:
+    """What DistillationTrainer (``training.backend: trainer``) does not do, refused naming the engine where it can."""
+    spec, training = config.distill, config.training
+    engine = "; set training.backend: engine, whose loop does"
+    if config.extra_teachers:
+        raise InvalidArgumentError(
+            "extra_teachers (several teachers) are not available on training.backend 'trainer', which distils one "
+            f"teacher{engine}"
+        )
+    if spec.layer_map is not None or spec.matches:
+        raise InvalidArgumentError(
+            "distill.layer_map and distill.matches (intermediate matches) are not available on training.backend "
+            f"'trainer', which distils the output distributions (distill.kd_loss){engine}"
+        )
+    if isinstance(spec.temperature, dict) and spec.temperature.get("name") in TEMPERATURE_SCHEDULES:
+        raise InvalidArgumentError(
+            f"distill.temperature {spec.temperature['name']!r} sets a temperature per position from both models' "
+            f"logits, which training.backend 'trainer' does not keep (its chunked path never builds them){engine}"
+        )
+    if training.metric_for_best is not None or training.early_stopping_patience is not None:
+        name = "metric_for_best" if training.metric_for_best is not None else "early_stopping_patience"
+        raise InvalidArgumentError(
+            f"training.{name} picks the student by the task's metrics (perplexity, kl_to_teacher, ...), which "
+            f"training.backend 'trainer' does not compute while it trains{engine}"
+        )
+    if spec.teacher_cache is not None and config.mode == "distill" and training.eval_every:
+        raise InvalidArgumentError(
+            "training.eval_every cannot be used with distill.teacher_cache on training.backend 'trainer': the cache "
+            "holds the teacher's outputs on the training examples only; the evaluation after training still runs"
+        )
+    try:  # the schedules and stages, checked as the Trainer will build them
+        Objective(
+            kd_loss=spec.kd_loss, kd_weight=spec.kd_weight, hard_weight=spec.hard_weight,
+            temperature=spec.temperature, t2_scaling=spec.t2_scaling,
+            stages=[Stage(steps=s.steps, weights=dict(s.weights)) for s in spec.stages] or None,
+        )  # fmt: skip
+    except KdistillError as error:
+        raise InvalidArgumentError(f"distill: {error}") from None
+
+
+def _check_engine_backend(config: RunConfig) -> None:
+    """What kdistill's loop (``training.backend: engine``) does not do for causal LMs, refused naming the trainer."""
+    spec = config.distill
+    trainer = "; set training.backend: trainer (DistillationTrainer), which does"
+    refused = {
+        "distill.cross_tokenizer": (
+            spec.cross_tokenizer is not None and config.mode == "distill",
+            "the engine's cross-tokenizer distiller pairs the tokens of token-level tasks, not next-token positions",
+        ),
+        "distill.on_policy_fraction": (
+            spec.on_policy_fraction > 0 and config.mode == "distill",
+            "the engine's loop trains on the dataset's completions only, it samples none",
+        ),
+        "distill.chunked_loss": (spec.chunked_loss, "the engine computes the full (B, T, V) logits"),
+        "student.lora": (config.student.lora is not None, "the engine trains every weight of the student"),
+    }
+    for name, (used, why) in refused.items():
+        if used:
+            raise InvalidArgumentError(f"{name} is not available on training.backend 'engine': {why}{trainer}")
 
 
 def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
     """The run's :class:`DistillationArguments` (what ``training`` and ``distill`` say, in the Trainer's words)."""
-    from kdistill.integrations import DistillationArguments
-
     training, spec = config.training, config.distill
     kd_kwargs = dict(spec.kd_kwargs)
     vocab_policy = kd_kwargs.pop("vocab_policy", "error")
@@ -131,6 +206,7 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         max_steps=training.max_steps or -1,
         weight_decay=training.weight_decay,
         optim="sgd" if training.optimizer == "sgd" else "adamw_torch",
+        optim_args=f"momentum={training.sgd_momentum}" if training.optimizer == "sgd" else None,
         lr_scheduler_type=training.lr_scheduler,
         warmup_steps=training.warmup_steps or training.warmup_ratio,  # a float < 1 is a share of the steps
         max_grad_norm=training.max_grad_norm or 0.0,
@@ -150,9 +226,10 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_cuda(),
         kd_loss=spec.kd_loss,
-        temperature=float(spec.temperature),
-        kd_weight=0.0 if baseline else float(spec.kd_weight),
-        hard_weight=1.0 if baseline else float(spec.hard_weight),
+        temperature=_number_or_schedule(spec.temperature),
+        kd_weight=0.0 if baseline else _number_or_schedule(spec.kd_weight),
+        hard_weight=1.0 if baseline else _number_or_schedule(spec.hard_weight),
+        stages=None if baseline else [stage.model_dump() for stage in spec.stages] or None,
         t2_scaling=spec.t2_scaling,
         kd_kwargs=kd_kwargs or None,
         vocab_policy=vocab_policy,
@@ -165,6 +242,10 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         cache_leftover=spec.cache_leftover,
         cross_tokenizer=spec.cross_tokenizer if config.mode == "distill" else None,
     )
+
+
+def _number_or_schedule(value: float | dict[str, Any]) -> float | dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else float(value)
 
 
 def _has_cuda() -> bool:
@@ -191,26 +272,35 @@ def lora_config(config: RunConfig) -> Any:
     )
 
 
-def run_causal_lm(config: RunConfig) -> Any:
-    """Carry out one causal-LM run (see the module docstring for what it writes)."""
-    from kdistill.integrations import DistillationTrainer
-
+def run_causal_lm(config: RunConfig) -> RunResult:
+    """Carry out one causal-LM run on its ``training.backend`` (see the module docstring for what it writes)."""
     check_causal_lm_config(config)
     start = time.perf_counter()
-    out = check_output_dir(config)
+    check_output_dir(config)
     parts = causal_lm_parts(config)
+    cached = config.mode == "distill" and config.distill.teacher_cache is not None
+    cross = check_tokenizers(config, parts)
+    if cross and config.distill.cross_tokenizer == "align":
+        with_completion_offsets(parts)
+    if cached:  # the cache stands in for the teacher: checked against the run before anything is written
+        check_teacher_cache(config, parts)
+    not_measured = CACHE_NOT_MEASURED if cached else CROSS_NOT_MEASURED if cross else None
+    if causal_lm_backend(config) == "engine":
+        return _run_on_engine(config, parts, start, cached=cached, not_measured=not_measured)
+    return _run_on_trainer(config, parts, start, cached=cached, cross=cross, not_measured=not_measured)
+
+
+def _run_on_trainer(
+    config: RunConfig, parts: RunParts, start: float, *, cached: bool, cross: bool, not_measured: str | None
+) -> RunResult:
+    """``training.backend: trainer``: :class:`~kdistill.integrations.DistillationTrainer` trains the student."""
+    out = Path(config.output_dir)
     tokenizer = parts.student_tokenizer
     teacher = None
     train_examples = parts.train_examples
-    cached = config.mode == "distill" and config.distill.teacher_cache is not None
-    cross = check_tokenizers(config, parts)
     if cross:  # the teacher keeps its own tokenizer: no adaptation to the student's
-        if config.distill.cross_tokenizer == "align":
-            with_completion_offsets(parts)
         teacher = parts.teacher
-        train_examples = parts.train_examples
-    elif cached:  # the cache stands in for the teacher: checked against the run before anything is written
-        check_teacher_cache(config, parts)
+    elif cached:
         train_examples = with_cache_index(parts.train_examples)
         parts.teacher = None  # loaded only to build the student from; never run, not kept
     elif config.mode == "distill":
@@ -245,17 +335,80 @@ def run_causal_lm(config: RunConfig) -> Any:
         else:
             trainer.save_model(str(student_dir))
         tokenizer.save_pretrained(student_dir)
-        metrics: dict[str, float] = {}
-        for split in ("validation", "test"):
-            if parts.has_split(split):
-                scores = evaluate_causal_lm(
-                    parts, model, split, config.training.eval_batch_size, with_teacher=not cross
-                )
-                metrics.update({f"{split}/{key}": value for key, value in scores.items()})
-        written: dict[str, Any] = dict(metrics)
-        if cached:
-            written["not_measured"] = CACHE_NOT_MEASURED
-        elif cross:
-            written["not_measured"] = CROSS_NOT_MEASURED
-        write_json_atomically(out / "eval.json", written)
+        metrics = _write_eval(config, parts, model, not_measured, with_teacher=not cross)
     return RunResult(out, student_dir, metrics, record["seconds"])
+
+
+def engine_distiller(config: RunConfig, parts: RunParts) -> tuple[Distiller, list[dict[str, Any]], Collate]:
+    """``(distiller, training examples, collate)`` of a causal-LM run on the engine: a
+    :class:`~kdistill.distillers.Distiller` with :class:`~kdistill.tasks.causal_lm.CausalLMView` (its objective from
+    ``distill``: schedules, stages, intermediate matches), several teachers, a teacher cache, or the labels alone."""
+    view = CausalLMView()
+    if config.mode == "baseline":
+        return SupervisedTrainer(parts.student, view=view), parts.train_examples, parts.collate
+    objective = build_objective(config, parts)
+    if config.distill.teacher_cache is not None:
+        distiller, examples, collate = cached_teacher_parts(config, parts, objective)
+        parts.teacher = None  # built only to shape the student; the cache stands in for it, so it is not kept
+        return distiller, examples, collate
+    teacher = parts.task.adapt_teacher(
+        parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
+    )
+    if parts.extra_teachers:
+        distiller: Distiller = MultiTeacherDistiller(
+            parts.student,
+            [teacher, *parts.extra_teachers],
+            objective,
+            weights=config.distill.teacher_weights,
+            combine=config.distill.teacher_combine,
+            view=view,
+        )
+    else:
+        distiller = Distiller(parts.student, teacher, objective, view=view)
+    return distiller, parts.train_examples, parts.collate
+
+
+def _run_on_engine(
+    config: RunConfig, parts: RunParts, start: float, *, cached: bool, not_measured: str | None
+) -> RunResult:
+    """``training.backend: engine``: kdistill's loop (:func:`kdistill.training.train`) trains the student.
+
+    The run directory is the trainer backend's (``run.json``, ``config.yaml``, ``student/`` from
+    ``save_pretrained`` with its tokenizer, ``eval.json``) plus the loop's own logs (``metrics.jsonl``,
+    ``summary.json``, checkpoints); ``training.metric_for_best`` and early stopping read the task's metrics on the
+    validation split.
+    """
+    out = Path(config.output_dir)
+    distiller, examples, collate = engine_distiller(config, parts)
+    # everything below the first write is validated here: the probe runs every active term once
+    distiller.setup(collate(examples[: config.training.batch_size]))
+    batch_size = config.training.eval_batch_size
+    eval_fn = None
+    if parts.has_split("validation"):
+
+        def eval_fn(model: nn.Module) -> dict[str, float]:
+            return evaluate_causal_lm(parts, model, "validation", batch_size, with_teacher=not cached)
+
+    with recorded_run(out, config, start) as record:
+        result = train(distiller, examples, make_training_config(config), collate_fn=collate, eval_fn=eval_fn)
+        parts.student_tokenizer.save_pretrained(result.student_dir)
+        metrics = _write_eval(config, parts, parts.student, not_measured, with_teacher=not cached)
+    return RunResult(out, result.student_dir, metrics, record["seconds"])
+
+
+def _write_eval(
+    config: RunConfig, parts: RunParts, model: nn.Module, not_measured: str | None, *, with_teacher: bool
+) -> dict[str, float]:
+    """Score ``model`` on each evaluation split and write ``eval.json`` (with ``not_measured`` when given)."""
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        if parts.has_split(split):
+            scores = evaluate_causal_lm(
+                parts, model, split, config.training.eval_batch_size, with_teacher=with_teacher
+            )
+            metrics.update({f"{split}/{key}": value for key, value in scores.items()})
+    written: dict[str, Any] = dict(metrics)
+    if not_measured is not None:
+        written["not_measured"] = not_measured
+    write_json_atomically(Path(config.output_dir) / "eval.json", written)
+    return metrics
