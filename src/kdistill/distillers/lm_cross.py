@@ -57,6 +57,17 @@ def check_method(method: Any, name: str = "cross_tokenizer") -> None:
         )
 
 
+def _teacher_side(inputs: Mapping[str, Any]) -> tuple[Mapping[str, Any], torch.Tensor]:
+    """The teacher's own tokenization of a cross-tokenizer batch (``inputs["teacher"]``) and its labels."""
+    teacher_inputs = inputs.get("teacher")
+    if not isinstance(teacher_inputs, Mapping):
+        raise InvalidArgumentError(
+            "a cross-tokenizer batch needs the teacher's own tokenization in 'teacher' (input_ids, "
+            "attention_mask, labels); render the records with kdistill.data.sft.render_sft(teacher_tokenizer=...)"
+        )
+    return teacher_inputs, _labels(teacher_inputs, "inputs['teacher']")
+
+
 def _labels(inputs: Mapping[str, Any], where: str) -> torch.Tensor:
     labels = inputs.get("labels") if isinstance(inputs, Mapping) else None
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
@@ -107,13 +118,7 @@ def cross_tokenizer_loss_sums(
     if want_kd:
         if teacher is None:
             raise InvalidArgumentError("teacher is None but the KD term (kd_weight != 0) needs a teacher")
-        teacher_inputs = inputs.get("teacher")
-        if not isinstance(teacher_inputs, Mapping):
-            raise InvalidArgumentError(
-                "a cross-tokenizer batch needs the teacher's own tokenization in 'teacher' (input_ids, "
-                "attention_mask, labels); render the records with kdistill.data.sft.render_sft(teacher_tokenizer=...)"
-            )
-        teacher_labels = _labels(teacher_inputs, "inputs['teacher']")
+        teacher_inputs, teacher_labels = _teacher_side(inputs)
         if teacher_labels.shape[0] != labels.shape[0]:
             raise ShapeMismatchError(
                 f"the teacher's batch has {teacher_labels.shape[0]} rows but the student's {labels.shape[0]}"
@@ -242,13 +247,7 @@ def aligned_pair_count(inputs: Mapping[str, Any], method: str) -> int:
     """
     check_method(method, "method")
     labels = _labels(inputs, "inputs")
-    teacher_inputs = inputs.get("teacher")
-    if not isinstance(teacher_inputs, Mapping):
-        raise InvalidArgumentError(
-            "a cross-tokenizer batch needs the teacher's own tokenization in 'teacher' (input_ids, "
-            "attention_mask, labels); render the records with kdistill.data.sft.render_sft(teacher_tokenizer=...)"
-        )
-    teacher_labels = _labels(teacher_inputs, "inputs['teacher']")
+    teacher_inputs, teacher_labels = _teacher_side(inputs)
     if method == "uld":
         student_counts = counted_next_tokens(labels).sum(-1)  # (B,)
         teacher_counts = counted_next_tokens(teacher_labels).sum(-1).to(student_counts.device)  # (B,)

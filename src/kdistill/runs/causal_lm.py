@@ -48,7 +48,7 @@ from kdistill._io import write_json_atomically
 from kdistill.cache import with_cache_index
 from kdistill.config import RunConfig
 from kdistill.data.sft_collate import SFTCollator
-from kdistill.distillers import Distiller, MultiTeacherDistiller, Objective, Stage, SupervisedTrainer
+from kdistill.distillers import Distiller, Objective, Stage, SupervisedTrainer
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.integrations.arguments import DistillationArguments
 from kdistill.integrations.trainer import DistillationTrainer
@@ -62,7 +62,7 @@ from kdistill.runs.causal_lm_parts import (
     with_completion_offsets,
 )
 from kdistill.runs.engine import Collate, make_training_config
-from kdistill.runs.parts import RunParts, build_objective
+from kdistill.runs.parts import RunParts, build_objective, teacher_distiller
 from kdistill.runs.records import RunResult, check_output_dir, recorded_run
 from kdistill.schedules import TEMPERATURE_SCHEDULES
 from kdistill.tasks.causal_lm import CausalLMView
@@ -354,17 +354,7 @@ def engine_distiller(config: RunConfig, parts: RunParts) -> tuple[Distiller, lis
     teacher = parts.task.adapt_teacher(
         parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
     )
-    if parts.extra_teachers:
-        distiller: Distiller = MultiTeacherDistiller(
-            parts.student,
-            [teacher, *parts.extra_teachers],
-            objective,
-            weights=config.distill.teacher_weights,
-            combine=config.distill.teacher_combine,
-            view=view,
-        )
-    else:
-        distiller = Distiller(parts.student, teacher, objective, view=view)
+    distiller = teacher_distiller(config, parts, teacher, objective, view)
     return distiller, parts.train_examples, parts.collate
 
 

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from kdistill.config import RunConfig
+from kdistill.core.views import SequenceView, TokenView
 from kdistill.data.word_tokenizer import WordTokenizer
-from kdistill.distillers import Match, Objective, Stage, expand_layer_map
+from kdistill.distillers import Distiller, Match, MultiTeacherDistiller, Objective, Stage, expand_layer_map
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.features import num_layers
 from kdistill.models.loading import check_vocab, load_model, load_tokenizer, resolve_model_path
@@ -213,6 +214,22 @@ def build_parts(config: RunConfig) -> RunParts:
         train_examples,
         eval_examples,
         extra_teachers,
+    )
+
+
+def teacher_distiller(
+    config: RunConfig, parts: RunParts, teacher: nn.Module, objective: Objective, view: SequenceView | TokenView
+) -> Distiller:
+    """The distiller of a live teacher: ``teacher`` alone, or with ``extra_teachers`` (weighted as configured)."""
+    if not parts.extra_teachers:
+        return Distiller(parts.student, teacher, objective, view=view)
+    return MultiTeacherDistiller(
+        parts.student,
+        [teacher, *parts.extra_teachers],
+        objective,
+        weights=config.distill.teacher_weights,
+        combine=config.distill.teacher_combine,
+        view=view,
     )
 
 

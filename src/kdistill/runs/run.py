@@ -17,13 +17,13 @@ import time
 from torch import nn
 
 from kdistill.config import RunConfig
-from kdistill.distillers import CrossTokenizerDistiller, Distiller, MultiTeacherDistiller, SupervisedTrainer
+from kdistill.distillers import CrossTokenizerDistiller, Distiller, SupervisedTrainer
 from kdistill.errors import KdistillError
 from kdistill.runs.cache_checks import cached_teacher_parts
 from kdistill.runs.causal_lm import run_causal_lm
 from kdistill.runs.data import EVAL_SPLITS, load_data
 from kdistill.runs.engine import train_and_evaluate
-from kdistill.runs.parts import RunParts, build_objective, build_parts, evaluate, make_task
+from kdistill.runs.parts import RunParts, build_objective, build_parts, evaluate, make_task, teacher_distiller
 from kdistill.runs.records import RunResult, check_output_dir
 from kdistill.runs.teacher import train_teacher
 
@@ -79,13 +79,4 @@ def _live_distiller(config: RunConfig, parts: RunParts) -> Distiller:
             )
         method = config.distill.cross_tokenizer
         return CrossTokenizerDistiller(parts.student, teacher, objective, method=method, view=view)
-    if parts.extra_teachers:
-        return MultiTeacherDistiller(
-            parts.student,
-            [teacher, *parts.extra_teachers],
-            objective,
-            weights=config.distill.teacher_weights,
-            combine=config.distill.teacher_combine,
-            view=view,
-        )
-    return Distiller(parts.student, teacher, objective, view=view)
+    return teacher_distiller(config, parts, teacher, objective, view)
