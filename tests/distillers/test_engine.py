@@ -22,6 +22,7 @@ from kdistill.distillers import (
     SupervisedTrainer,
     expand_layer_map,
 )
+from kdistill.distillers.kd_terms import mixture_logits
 from kdistill.distillers.multitask import TaskBatches
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.training import TrainConfig, train
@@ -257,13 +258,13 @@ def test_multi_teacher_mixture_matches_a_float64_reference():
     teacher_b = teacher_and_student()[0]
     distiller = MultiTeacherDistiller(student, [teacher_a, teacher_b], Objective(), weights=[3.0, 1.0])
     logits_a, logits_b = torch.randn(5, 3), torch.randn(5, 3)
-    mixture = distiller._mixture_logits([logits_a, logits_b], 2.0, None)
+    weights = distiller.teacher_weights  # normalized: [0.75, 0.25]
+    mixture = mixture_logits([logits_a, logits_b], weights, 2.0)
     reference = 0.75 * torch.softmax(logits_a.double() / 2, -1) + 0.25 * torch.softmax(logits_b.double() / 2, -1)
     torch.testing.assert_close(torch.softmax(mixture.double() / 2, -1), reference, rtol=1e-6, atol=1e-7)
     # confidence weighting: per example, each teacher weighted by its probability of the gold label
     labels = torch.tensor([0, 1, 2, 0, 1])
-    distiller.teacher_combine = "confidence"
-    mixture = distiller._mixture_logits([logits_a, logits_b], 1.0, labels)
+    mixture = mixture_logits([logits_a, logits_b], weights, 1.0, "confidence", labels)
     p_a, p_b = torch.softmax(logits_a.double(), -1), torch.softmax(logits_b.double(), -1)
     w_a = 0.75 * p_a[range(5), labels]
     w_b = 0.25 * p_b[range(5), labels]

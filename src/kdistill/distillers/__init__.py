@@ -10,12 +10,33 @@ from kdistill.distillers.core import (
     freeze,
     model_inputs,
 )
-from kdistill.distillers.cross import CrossTokenizerDistiller
+from kdistill.distillers.cross import AlignedKD, CrossTokenizerDistiller
+from kdistill.distillers.kd_terms import (
+    ChunkedKD,
+    DenseKD,
+    Ensemble,
+    HeadStates,
+    KDStrategy,
+    Logits,
+    MixtureKD,
+    TopK,
+    TopKKD,
+)
 from kdistill.distillers.multitask import MultiTaskDistiller
 from kdistill.distillers.objective import Match, Objective, Stage, TermValue, expand_layer_map, normalized_loss
 
 __all__ = [
+    "AlignedKD",
+    "ChunkedKD",
     "CrossTokenizerDistiller",
+    "DenseKD",
+    "Ensemble",
+    "HeadStates",
+    "KDStrategy",
+    "Logits",
+    "MixtureKD",
+    "TopK",
+    "TopKKD",
     "Distiller",
     "Match",
     "MultiTaskDistiller",

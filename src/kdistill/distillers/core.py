@@ -30,11 +30,11 @@ from kdistill.core.views import (
     student_inputs,
     teacher_inputs,
 )
+from kdistill.distillers.kd_terms import DenseKD, Ensemble, KDStrategy, Logits, MixtureKD, Side, TopK, TopKKD
 from kdistill.distillers.objective import Match, Objective, TermValue
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.features import FeatureTap, resolve_feature
 from kdistill.losses import token_cross_entropy
-from kdistill.losses.sparse import sparse_divergence
 
 View = SequenceView | TokenView
 
@@ -149,6 +149,14 @@ class Distiller:
         if not 0.0 <= ema_decay < 1.0:
             raise InvalidArgumentError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
+        # the KD term's strategies (kdistill.distillers.kd_terms): live or in-batch teacher logits (several teachers
+        # mixed into one distribution), and the teacher's cached top-k when a batch carries it
+        self.kd_strategy: KDStrategy = (
+            MixtureKD(objective.kd_loss, objective.kd_kwargs)
+            if len(self.teachers) > 1
+            else DenseKD(objective.kd_loss, objective.kd_kwargs)
+        )
+        self.cached_kd_strategy = TopKKD(objective.kd_loss, objective.kd_kwargs)
         for match in objective.matches:
             if self.teacher_mode in ("live", "ema") and not 0 <= match.teacher_index < len(self.teachers):
                 raise InvalidArgumentError(
@@ -236,6 +244,8 @@ class Distiller:
             counts["positions"] = float(batch_size * seq)
             counts["examples"] = float(batch_size)
             counts["pairs"] = float(batch_size * seq * seq)
+        if self.kd_strategy.unit not in counts:
+            counts[self.kd_strategy.unit] = self.kd_strategy.count(batch, self.view)
         return counts
 
     def compute_terms(
@@ -314,27 +324,6 @@ class Distiller:
                 all_logits.append((self.view or infer_view(outputs.logits)).logits(outputs))
         return features, (all_logits if need_logits else None)
 
-    def _mixture_logits(
-        self, teacher_logits: list[torch.Tensor], temperature: float | torch.Tensor, labels: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Several teachers as one: T·log Σ_k w_k softmax(t_k / T), so the divergence's own /T recovers the mixture.
-
-        Weights are fixed, or with ``teacher_combine="confidence"`` scaled per example by the probability each
-        teacher gives the gold label and renormalized.
-        """
-        scale = temperature[..., None] if isinstance(temperature, torch.Tensor) else temperature
-        logps = torch.stack([(logits.float() / scale).log_softmax(-1) for logits in teacher_logits])  # (K, ..., V)
-        weights = torch.tensor(self.teacher_weights, device=logps.device, dtype=logps.dtype)
-        weights = weights.view(-1, *[1] * (logps.dim() - 1)).expand(*logps.shape[:-1], 1)  # (K, ..., 1)
-        if self.teacher_combine == "confidence":
-            if labels is None:
-                raise InvalidArgumentError("teacher_combine='confidence' needs gold labels in the batch")
-            index = labels.clamp_min(0).expand(logps.shape[0], *labels.shape).unsqueeze(-1)  # (K, ..., 1)
-            weights = weights * logps.gather(-1, index).exp()
-            weights = weights / weights.sum(0, keepdim=True).clamp_min(1e-12)
-        mixture = torch.logsumexp(logps + weights.clamp_min(1e-30).log(), dim=0)  # (..., V) log-probs at T
-        return mixture * scale
-
     def _terms_from(
         self,
         outputs: Any,
@@ -348,24 +337,8 @@ class Distiller:
     ) -> dict[str, TermValue]:
         terms: dict[str, TermValue] = {}
         student_logits = self._student_logits(outputs)
-        if weights.get("kd", 0.0) != 0.0 and teacher_logits is None and "teacher_topk" in batch:
-            terms["kd"] = self._cached_kd_term(student_logits, batch)
-        elif weights.get("kd", 0.0) != 0.0:
-            if teacher_logits is None:
-                raise KdistillError("the KD term has weight > 0 but there is no teacher and no cached teacher_logits")
-            mask = self.view.kd_mask(batch)
-            labels = self.view.labels(batch)
-            total = None
-            for head, s_logits in enumerate(student_logits):
-                per_teacher = [logits[head] for logits in teacher_logits]
-                if len(per_teacher) == 1:
-                    term = self.objective.kd_term(s_logits, per_teacher[0], mask, step, total_steps)
-                else:
-                    temperature = self.objective.temperature_at(step, total_steps, s_logits, per_teacher[0])
-                    mixture = self._mixture_logits(per_teacher, temperature, labels[head] if labels else None)
-                    term = self.objective.kd_term(s_logits, mixture, mask, step, total_steps, temperature=temperature)
-                total = term.total if total is None else total + term.total
-            terms["kd"] = TermValue(total, "logit_positions")
+        if weights.get("kd", 0.0) != 0.0:
+            terms["kd"] = self._kd_term(student_logits, teacher_logits, batch, step, total_steps)
         if weights.get("hard", 0.0) != 0.0:
             labels = self.view.labels(batch)
             if labels is None:
@@ -393,9 +366,40 @@ class Distiller:
             terms[match.name] = self.objective.match_term(match, s_feature, t_feature.to(s_feature.dtype), mask)
         return terms
 
+    def _kd_term(
+        self,
+        student_logits: list[torch.Tensor],
+        teacher_logits: list[list[torch.Tensor]] | None,
+        batch: Mapping[str, Any],
+        step: int,
+        total_steps: int,
+    ) -> TermValue:
+        """The KD term, summed over the heads: live (or in-batch) teacher logits by :attr:`kd_strategy`, the
+        teacher's cached top-k by :attr:`cached_kd_strategy`."""
+        assert self.view is not None, "call setup() first"
+        if teacher_logits is None and "teacher_topk" in batch:
+            return self._cached_kd_term(student_logits, batch)
+        if teacher_logits is None:
+            raise KdistillError("the KD term has weight > 0 but there is no teacher and no cached teacher_logits")
+        mask = self.view.kd_mask(batch)
+        labels = self.view.labels(batch)
+        total = None
+        for head, s_logits in enumerate(student_logits):
+            per_teacher = [logits[head] for logits in teacher_logits]
+            temperature = self.objective.temperature_at(step, total_steps, s_logits, per_teacher[0])
+            teacher: Side = Logits(per_teacher[0])
+            if len(per_teacher) > 1:
+                label = labels[head] if labels else None
+                teacher = Ensemble(per_teacher, self.teacher_weights, self.teacher_combine, label)
+            term = self.objective.kd_from(self.kd_strategy, Logits(s_logits), teacher, mask, temperature, batch)
+            total = term.total if total is None else total + term.total
+        assert total is not None  # at least one head
+        return TermValue(total, self.kd_strategy.unit)
+
     def _cached_kd_term(self, student_logits: list[torch.Tensor], batch: Mapping[str, Any]) -> TermValue:
         """The KD term against the teacher's cached top-k outputs (``batch["teacher_topk"]``), at the cache's
         temperature, as a sum over the counted positions (× T² when configured)."""
+        assert self.view is not None, "call setup() first"
         cached = batch["teacher_topk"]
         heads, temperature = cached["heads"], float(cached["temperature"])
         if len(heads) != len(student_logits):
@@ -403,25 +407,15 @@ class Distiller:
                 f"the cache holds {len(heads)} heads but the student's view gives {len(student_logits)} logits"
             )
         view_mask = self.view.kd_mask(batch)
-        kwargs = {k: v for k, v in self.objective.kd_kwargs.items() if k != "vocab_policy"}
+        strategy = self.cached_kd_strategy
         total = None
         for s_logits, head in zip(student_logits, heads, strict=True):
             mask = head["mask"] if view_mask is None else head["mask"] & view_mask.bool()
-            values = sparse_divergence(
-                s_logits,
-                head["ids"],
-                head["logprobs"],
-                head["leftover"],
-                mask,
-                divergence=self.objective.kd_loss,
-                temperature=temperature,
-                leftover_policy=cached["leftover_policy"],
-                reduction="sum",
-                **kwargs,
-            )
-            total = values if total is None else total + values
+            topk = TopK(head["ids"], head["logprobs"], head["leftover"], temperature, cached["leftover_policy"])
+            term = self.objective.kd_from(strategy, Logits(s_logits), topk, mask, temperature, batch)
+            total = term.total if total is None else total + term.total
         assert total is not None  # at least one head
-        return self.objective.kd_value(total, temperature)
+        return TermValue(total, strategy.unit)
 
     def projections_state(self) -> dict[str, torch.Tensor]:
         """The projections' weights, keyed by match name, for saving beside the student."""

@@ -29,7 +29,7 @@ divides both sides' logits, and the sum is multiplied by ``T²`` when ``distill.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -37,6 +37,7 @@ from torch import nn
 
 from kdistill.core.views import SequenceView, TokenView, student_inputs, teacher_inputs
 from kdistill.distillers.core import Distiller
+from kdistill.distillers.kd_terms import CountsPositions, Logits, Side
 from kdistill.distillers.objective import Objective, TermValue
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.losses.cross_tokenizer import align_by_offsets, aligned_distillation_loss_batch, uld_loss
@@ -95,19 +96,7 @@ class CrossTokenizerDistiller(Distiller):
             )
         super().__init__(student, teacher, objective, view=view)
         self.method = method
-
-    def count_units(self, batch: Mapping[str, Any]) -> dict[str, float]:
-        """The Distiller's units plus ``"aligned_pairs"``: what the KD term sums over (no forward needed)."""
-        counts = super().count_units(batch)
-        student_offsets, teacher_offsets = _offsets(batch)
-        if self.method == "uld":
-            pairs = torch.minimum(_covers_text(student_offsets).sum(-1), _covers_text(teacher_offsets).sum(-1))
-            counts[UNIT] = float(pairs.sum())
-        else:
-            counts[UNIT] = float(
-                sum(len(align_by_offsets(s, t)) for s, t in zip(student_offsets, teacher_offsets, strict=True))
-            )
-        return counts
+        self.kd_strategy = AlignedKD(method, objective.kd_loss, objective.kd_kwargs)
 
     def _terms_from(
         self,
@@ -163,31 +152,67 @@ class CrossTokenizerDistiller(Distiller):
                     f"{tuple(logits.shape)}: one span per token is needed"
                 )
         temperature = self.objective.temperature_at(step, total_steps, student_logits, teacher_logits)
+        return self.objective.kd_from(
+            self.kd_strategy, Logits(student_logits), Logits(teacher_logits), None, temperature, batch
+        )
+
+
+class AlignedKD:
+    """The cross-tokenizer KD strategy of token-level encoder tasks (see the module docstring): ULD over paired
+    tokens, or the run's divergence over groups aligned by characters; its unit is ``"aligned_pairs"``."""
+
+    name = "cross_tokenizer"
+    unit = UNIT
+
+    def __init__(
+        self, method: str, divergence: str | Callable[..., torch.Tensor], kd_kwargs: Mapping[str, Any] | None
+    ) -> None:
+        self.method = method
+        self.divergence = divergence
+        self.kd_kwargs = {k: v for k, v in (kd_kwargs or {}).items() if k != "vocab_policy"}
+
+    def count(self, batch: Mapping[str, Any], view: CountsPositions) -> float:
+        """ULD: per row the smaller count of text-covering tokens; align: the aligned groups (no forward)."""
+        student_offsets, teacher_offsets = _offsets(batch)
+        if self.method == "uld":
+            pairs = torch.minimum(_covers_text(student_offsets).sum(-1), _covers_text(teacher_offsets).sum(-1))
+            return float(pairs.sum())
+        return float(sum(len(align_by_offsets(s, t)) for s, t in zip(student_offsets, teacher_offsets, strict=True)))
+
+    def values(
+        self,
+        student: Side,
+        teacher: Side,
+        mask: torch.Tensor | None,
+        temperature: float | torch.Tensor,
+        batch: Mapping[str, Any],
+    ) -> torch.Tensor:
+        if not isinstance(student, Logits) or not isinstance(teacher, Logits):
+            raise InvalidArgumentError("cross-tokenizer KD needs both models' logits")
+        student_logits, teacher_logits = student.value, teacher.value
+        student_offsets, teacher_offsets = _offsets(batch)
         student_offsets = student_offsets.to(student_logits.device)
         teacher_offsets = teacher_offsets.to(teacher_logits.device)
         if self.method == "uld":
-            total = uld_loss(
+            return uld_loss(
                 student_logits,
                 teacher_logits,
                 _covers_text(student_offsets),
                 _covers_text(teacher_offsets),
-                temperature=temperature,
+                temperature=float(temperature),
                 reduction="sum",
             )
-        else:
-            kwargs = {k: v for k, v in self.objective.kd_kwargs.items() if k != "vocab_policy"}
-            total = aligned_distillation_loss_batch(
-                student_logits,
-                teacher_logits,
-                list(student_offsets),
-                list(teacher_offsets),
-                method=self.objective.kd_loss,
-                temperature=temperature,
-                reduction="sum",
-                position="first",
-                **kwargs,
-            )
-        return self.objective.kd_value(total, temperature, UNIT)
+        return aligned_distillation_loss_batch(
+            student_logits,
+            teacher_logits,
+            list(student_offsets),
+            list(teacher_offsets),
+            method=self.divergence,
+            temperature=float(temperature),
+            reduction="sum",
+            position="first",
+            **self.kd_kwargs,
+        )
 
 
 def _offsets(batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

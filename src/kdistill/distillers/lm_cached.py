@@ -3,7 +3,8 @@
 :func:`cached_lm_loss_sums` is :func:`kdistill.distillers.lm_loss.causal_lm_loss_sums` with the teacher's outputs
 taken from what :class:`kdistill.cache.batches.CachedTeacherCollate` adds to a batch; the plain path calls
 :func:`~kdistill.losses.sparse.sparse_divergence` on the student's logits, the chunked one
-(:func:`chunked_sparse_divergence`) computes the student's logits at the cached ids only, chunk by chunk.
+(:func:`~kdistill.distillers.kd_terms.chunked_sparse_divergence`) computes the student's logits at the cached ids
+only, chunk by chunk; both are :class:`~kdistill.distillers.kd_terms.TopKKD`, the strategy the engine uses too.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kdistill.core.shift import counted_next_tokens, next_token_labels
+from kdistill.distillers.kd_terms import HeadStates, KDStrategy, Logits, TopK, TopKKD
 from kdistill.distillers.lm_heads import (
     causal_lm_logits,
     final_hidden_states,
@@ -26,8 +27,7 @@ from kdistill.distillers.lm_heads import (
 from kdistill.distillers.lm_loss import LMLossSums, chunked_cross_entropy
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.losses import token_cross_entropy
-from kdistill.losses.chunked import _resolve_divergence as resolve_divergence
-from kdistill.losses.sparse import LEFTOVER_POLICIES, sparse_divergence
+from kdistill.losses.sparse import LEFTOVER_POLICIES
 
 
 def cached_lm_loss_sums(
@@ -43,6 +43,7 @@ def cached_lm_loss_sums(
     chunked: bool = False,
     chunk_size: int = 1024,
     kd_kwargs: Mapping[str, Any] | None = None,
+    strategy: KDStrategy | None = None,
 ) -> LMLossSums:
     """:func:`causal_lm_loss_sums` with the teacher read from a cache: its top-k log-probabilities per position.
 
@@ -70,6 +71,8 @@ def cached_lm_loss_sums(
         kd_weight, hard_weight: a zero skips its term.
         chunked, chunk_size: as in :func:`causal_lm_loss_sums`.
         kd_kwargs: extra arguments of the divergence (``beta``, ``skew``).
+        strategy: the KD strategy (default: :class:`~kdistill.distillers.kd_terms.TopKKD` of ``divergence``,
+            ``kd_kwargs`` and ``chunk_size``).
 
     Raises:
         InvalidArgumentError: a temperature other than the cache's, a malformed ``teacher_topk``, cached ids outside
@@ -98,32 +101,28 @@ def cached_lm_loss_sums(
     count = int(mask.sum())
     want_kd, want_hard = kd_weight != 0, hard_weight != 0
     head = _cached_head(teacher_topk, mask, temperature) if want_kd else None
-    kwargs = dict(kd_kwargs or {})
-    fn = resolve_divergence(divergence)
+    strategy = strategy or TopKKD(divergence, kd_kwargs, chunk_size=chunk_size)
+    topk = None
+    if head is not None:
+        topk = TopK(head["ids"], head["logprobs"], head.get("leftover"), temperature, leftover_policy)
+    kd_sum = hard_sum = None
     if not chunked:
         student_logits = causal_lm_logits(student, inputs)  # (B, T, V)
-        kd_sum = hard_sum = None
-        if head is not None:
-            _check_cached_ids(head["ids"], mask, student_logits.shape[-1])
-            kd_sum = sparse_divergence(
-                student_logits, head["ids"], head["logprobs"], head.get("leftover"), mask, divergence=fn,
-                temperature=temperature, leftover_policy=leftover_policy, reduction="sum", **kwargs,
-            )  # fmt: skip
+        if topk is not None:
+            _check_cached_ids(topk.ids, mask, student_logits.shape[-1])
+            kd_sum = strategy.values(Logits(student_logits), topk, mask, temperature, inputs)
         if want_hard:
             hard_sum = token_cross_entropy(student_logits, targets, reduction="sum")
         return LMLossSums(kd_sum=kd_sum, hard_sum=hard_sum, count=count, student_logits=student_logits)
 
-    student_head = lm_head_of(student)
-    hidden, weight, bias = scaled_head(student_head, final_hidden_states(student, inputs))
-    kd_sum = hard_sum = None
-    if head is not None:
-        _check_cached_ids(head["ids"], mask, weight.shape[0])
-        kd_sum = chunked_sparse_divergence(
-            hidden, weight, head["ids"], head["logprobs"], head.get("leftover"), mask, bias=bias, divergence=fn,
-            temperature=temperature, leftover_policy=leftover_policy, chunk_size=chunk_size, **kwargs,
-        )  # fmt: skip
+    student_side = HeadStates(*scaled_head(lm_head_of(student), final_hidden_states(student, inputs)))
+    if topk is not None:
+        _check_cached_ids(topk.ids, mask, student_side.weight.shape[0])
+        kd_sum = strategy.values(student_side, topk, mask, temperature, inputs)
     if want_hard:
-        hard_sum = chunked_cross_entropy(hidden, weight, targets, bias=bias, chunk_size=chunk_size)
+        hard_sum = chunked_cross_entropy(
+            student_side.hidden, student_side.weight, targets, bias=student_side.bias, chunk_size=chunk_size
+        )
     return LMLossSums(kd_sum=kd_sum, hard_sum=hard_sum, count=count, student_logits=None)
 
 
@@ -169,86 +168,3 @@ def _check_cached_ids(ids: torch.Tensor, mask: torch.Tensor, vocab: int) -> None
             f"the cache holds teacher id {int(counted.max())} but the student's vocabulary has {vocab} entries; "
             "the cache must come from a teacher with the student's tokenizer"
         )
-
-
-def chunked_sparse_divergence(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    leftover: torch.Tensor | None,
-    mask: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    divergence: str | Callable[..., torch.Tensor] = "forward_kl",
-    temperature: float = 1.0,
-    leftover_policy: str = "renormalize",
-    chunk_size: int = 1024,
-    **kd_kwargs: Any,
-) -> torch.Tensor:
-    """``sparse_divergence(hidden @ weight.T + bias, ..., reduction="sum")`` without the ``(N, V)`` logits.
-
-    The counted rows are taken ``chunk_size`` at a time. With ``"renormalize"`` a chunk computes the logits of the
-    distinct ids its rows hold (at most ``chunk × k``, never more than V) and gathers each row's k of them, then
-    calls :func:`~kdistill.losses.sparse.sparse_divergence` on those ``(chunk, k)`` logits with the identity ids
-    ``0..k-1``, so the divergence keeps its one definition. With ``"uniform"`` a chunk's full ``(chunk, V)`` logits
-    go to ``sparse_divergence`` with the cached ids. Each chunk runs under activation checkpointing: the backward
-    pass recomputes one chunk's logits at a time.
-
-    Args:
-        hidden: ``(..., H)`` final hidden states (logit scale already folded in).
-        weight: ``(V, H)`` LM-head weight; ``bias``: optional ``(V,)``.
-        topk_ids, topk_logprobs: ``(..., k)`` cached ids and log-probabilities; ``leftover``: ``(...)`` or None.
-        mask: bool ``(...)``, True = counted.
-        temperature: a number (the cache's temperature).
-    """
-    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
-        raise InvalidArgumentError("the chunked cached loss takes one temperature (a number), not one per position")
-    lead = hidden.shape[:-1]
-    if mask.shape != lead or topk_ids.shape[:-1] != lead or topk_logprobs.shape != topk_ids.shape:
-        raise ShapeMismatchError(
-            f"hidden states {tuple(hidden.shape)}, mask {tuple(mask.shape)}, cached ids {tuple(topk_ids.shape)} and "
-            f"log-probabilities {tuple(topk_logprobs.shape)} must share their leading shape"
-        )
-    k = topk_ids.shape[-1]
-    counted = mask.reshape(-1).nonzero().squeeze(1)  # (n,)
-    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted)  # (n, H)
-    ids = topk_ids.reshape(-1, k).index_select(0, counted.to(topk_ids.device)).to(rows.device).long()  # (n, k)
-    logprobs = topk_logprobs.reshape(-1, k).index_select(0, counted.to(topk_logprobs.device)).to(rows.device)
-    rest = None
-    if leftover is not None:
-        rest = leftover.reshape(-1).index_select(0, counted.to(leftover.device)).to(rows.device)  # (n,)
-    options = dict(divergence=divergence, temperature=temperature, leftover_policy=leftover_policy, **kd_kwargs)
-
-    def chunk_sum(
-        chunk_rows: torch.Tensor,
-        head_weight: torch.Tensor,
-        head_bias: torch.Tensor | None,
-        chunk_ids: torch.Tensor,
-        chunk_logprobs: torch.Tensor,
-        chunk_rest: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if leftover_policy == "renormalize":
-            distinct, inverse = torch.unique(chunk_ids, return_inverse=True)  # (u,), (chunk, k)
-            sub_weight = head_weight.index_select(0, distinct)  # (u, H)
-            logits = chunk_rows @ sub_weight.t()  # (chunk, u)
-            if head_bias is not None:
-                logits = logits + head_bias.index_select(0, distinct)
-            gathered = logits.gather(-1, inverse)  # (chunk, k): the student's logits at the cached ids
-            identity = torch.arange(k, device=gathered.device).expand_as(inverse)
-            return sparse_divergence(gathered, identity, chunk_logprobs, None, reduction="sum", **options)
-        logits = (
-            chunk_rows @ head_weight.t() if head_bias is None else torch.addmm(head_bias, chunk_rows, head_weight.t())
-        )
-        return sparse_divergence(logits, chunk_ids, chunk_logprobs, chunk_rest, reduction="sum", **options)
-
-    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    total: torch.Tensor | None = None
-    for start in range(0, max(rows.shape[0], 1), chunk_size):
-        stop = start + chunk_size
-        pieces = (rows[start:stop], weight, bias, ids[start:stop], logprobs[start:stop],
-                  None if rest is None else rest[start:stop])  # fmt: skip
-        part = checkpoint(chunk_sum, *pieces, use_reentrant=False) if track else chunk_sum(*pieces)
-        total = part if total is None else total + part
-    assert total is not None
-    return total

@@ -40,6 +40,7 @@ from torch import nn
 
 from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.data.sft import COMPLETION_OFFSETS
+from kdistill.distillers.kd_terms import CountsPositions, KDStrategy, Logits, Side
 from kdistill.distillers.lm_heads import causal_lm_inputs
 from kdistill.distillers.lm_loss import LMLossSums
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
@@ -86,6 +87,7 @@ def cross_tokenizer_loss_sums(
     temperature: float = 1.0,
     kd_weight: float = 1.0,
     hard_weight: float = 0.0,
+    strategy: KDStrategy | None = None,
 ) -> LMLossSums:
     """The KD and CE terms of causal-LM distillation across tokenizers, as sums (see the module docstring).
 
@@ -99,6 +101,7 @@ def cross_tokenizer_loss_sums(
         method: ``"uld"`` or ``"align"``.
         temperature: divides both sides' logits.
         kd_weight, hard_weight: a zero skips its term.
+        strategy: the KD strategy (default: :class:`LMAlignedKD` of ``method``).
 
     Returns:
         :class:`~kdistill.distillers.lm_loss.LMLossSums` whose ``count`` is the student's counted next tokens (the
@@ -127,18 +130,8 @@ def cross_tokenizer_loss_sums(
             teacher.eval()
         with torch.no_grad():
             teacher_logits = teacher(**causal_lm_inputs(teacher_inputs), use_cache=False).logits  # (B, T_t, V_t)
-        if method == "uld":
-            kd_sum = uld_sum(student_logits, teacher_logits, labels, teacher_labels, temperature=temperature)
-        else:
-            kd_sum = aligned_sum(
-                student_logits,
-                teacher_logits,
-                labels,
-                teacher_labels,
-                _offsets(inputs, "inputs"),
-                _offsets(teacher_inputs, "inputs['teacher']"),
-                temperature=temperature,
-            )
+        strategy = strategy or LMAlignedKD(method)
+        kd_sum = strategy.values(Logits(student_logits), Logits(teacher_logits), None, temperature, inputs)
     if want_hard:
         hard_sum = token_cross_entropy(student_logits, next_token_labels(labels), reduction="sum")
     count = int(counted_next_tokens(labels).sum())
@@ -257,3 +250,44 @@ def aligned_pair_count(inputs: Mapping[str, Any], method: str) -> int:
         len(aligned_positions(labels[b].tolist(), teacher_labels[b].tolist(), student_offsets[b], teacher_offsets[b]))
         for b in range(labels.shape[0])
     )
+
+
+class LMAlignedKD:
+    """The cross-tokenizer KD strategy of causal LMs: the ULD distance between each side's next-token
+    distributions at paired positions (``"uld"``) or at the first token of each aligned group (``"align"``); its
+    unit is ``"aligned_pairs"``, counted by :func:`aligned_pair_count`. Both sides' labels (and offsets) come from
+    the batch: the student's, and the teacher's own tokenization in ``batch["teacher"]``."""
+
+    name = "cross_tokenizer"
+    unit = UNIT
+
+    def __init__(self, method: str) -> None:
+        check_method(method, "method")
+        self.method = method
+
+    def count(self, batch: Mapping[str, Any], view: CountsPositions) -> float:
+        return float(aligned_pair_count(batch, self.method))
+
+    def values(
+        self,
+        student: Side,
+        teacher: Side,
+        mask: torch.Tensor | None,
+        temperature: float | torch.Tensor,
+        batch: Mapping[str, Any],
+    ) -> torch.Tensor:
+        if not isinstance(student, Logits) or not isinstance(teacher, Logits):
+            raise InvalidArgumentError("cross-tokenizer KD needs both models' logits")
+        labels = _labels(batch, "inputs")
+        teacher_inputs, teacher_labels = _teacher_side(batch)
+        if self.method == "uld":
+            return uld_sum(student.value, teacher.value, labels, teacher_labels, temperature=float(temperature))
+        return aligned_sum(
+            student.value,
+            teacher.value,
+            labels,
+            teacher_labels,
+            _offsets(batch, "inputs"),
+            _offsets(teacher_inputs, "inputs['teacher']"),
+            temperature=float(temperature),
+        )

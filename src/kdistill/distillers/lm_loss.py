@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
+from kdistill.distillers.kd_terms import ChunkedKD, DenseKD, HeadStates, KDStrategy, Logits
 from kdistill.distillers.lm_heads import (
     causal_lm_logits,
     eval_teacher,
@@ -36,9 +37,8 @@ from kdistill.distillers.lm_heads import (
     scaled_head,
 )
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
-from kdistill.losses import chunked_divergence, token_cross_entropy
+from kdistill.losses import token_cross_entropy
 from kdistill.losses._common import VOCAB_POLICIES
-from kdistill.losses.chunked import _resolve_divergence as resolve_divergence
 
 
 @dataclass
@@ -78,6 +78,7 @@ def causal_lm_loss_sums(
     teacher_inputs: Mapping[str, Any] | None = None,
     kd_kwargs: Mapping[str, Any] | None = None,
     teacher_outputs: torch.Tensor | None = None,
+    strategy: KDStrategy | None = None,
 ) -> LMLossSums:
     """The KD and CE terms of token-level causal-LM distillation, summed over counted next-token positions.
 
@@ -105,6 +106,9 @@ def causal_lm_loss_sums(
         teacher_outputs: precomputed teacher results, used instead of running the teacher: its logits
             ``(B, T, V_t)`` on the plain path, its final hidden states ``(B, T, H_t)`` on the chunked path (the
             teacher's LM head is still taken from ``teacher``).
+        strategy: the KD strategy (:mod:`kdistill.distillers.kd_terms`); by default :class:`DenseKD` on the plain
+            path and :class:`ChunkedKD` on the chunked one, built from ``divergence``, ``kd_kwargs``,
+            ``vocab_policy`` and ``chunk_size``.
 
     Returns:
         An :class:`LMLossSums`.
@@ -146,10 +150,12 @@ def causal_lm_loss_sums(
     count = int(mask.sum())
     kwargs = dict(kd_kwargs or {})
     if chunked:
+        strategy = strategy or ChunkedKD(divergence, kwargs, chunk_size=chunk_size, vocab_policy=vocab_policy)
         return _chunked_sums(
-            student, teacher, inputs, teacher_inputs, mask, targets, count, divergence, temperature,
-            vocab_policy, chunk_size, kwargs, teacher_outputs, want_kd, want_hard,
+            student, teacher, inputs, teacher_inputs, mask, targets, count, temperature, chunk_size, strategy,
+            teacher_outputs, want_kd, want_hard,
         )  # fmt: skip
+    strategy = strategy or DenseKD(divergence, {**kwargs, "vocab_policy": vocab_policy})
 
     student_logits = causal_lm_logits(student, inputs)  # (B, T, V_s)
     kd_sum = hard_sum = None
@@ -161,16 +167,7 @@ def causal_lm_loss_sums(
                 teacher_logits = causal_lm_logits(teacher, teacher_inputs)  # (B, T, V_t)
         else:
             teacher_logits = teacher_outputs.detach()
-        if teacher_logits.shape[:-1] != student_logits.shape[:-1]:
-            raise ShapeMismatchError(
-                f"teacher logits {tuple(teacher_logits.shape)} and student logits {tuple(student_logits.shape)} "
-                "differ before the vocabulary dimension"
-            )
-        loss_fn = resolve_divergence(divergence)
-        kd_sum = loss_fn(
-            student_logits, teacher_logits, mask, temperature=temperature, reduction="sum",
-            vocab_policy=vocab_policy, **kwargs,
-        )  # fmt: skip
+        kd_sum = strategy.values(Logits(student_logits), Logits(teacher_logits), mask, temperature, inputs).sum()
     if want_hard:
         hard_sum = token_cross_entropy(student_logits, targets, reduction="sum")
     return LMLossSums(kd_sum=kd_sum, hard_sum=hard_sum, count=count, student_logits=student_logits)
@@ -184,11 +181,9 @@ def _chunked_sums(
     mask: torch.Tensor,
     targets: torch.Tensor,
     count: int,
-    divergence: str | Callable[..., torch.Tensor],
     temperature: float | torch.Tensor,
-    vocab_policy: str,
     chunk_size: int,
-    kd_kwargs: dict[str, Any],
+    strategy: KDStrategy,
     teacher_outputs: torch.Tensor | None,
     want_kd: bool,
     want_hard: bool,
@@ -205,22 +200,9 @@ def _chunked_sums(
                 teacher_hidden = final_hidden_states(teacher, teacher_inputs)  # (B, T, H_t)
         else:
             teacher_hidden = teacher_outputs.detach()
-        teacher_hidden, teacher_weight, teacher_bias = scaled_head(teacher_head, teacher_hidden)
-        kd_sum = chunked_divergence(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight.detach(),
-            mask,
-            divergence=divergence,
-            chunk_size=chunk_size,
-            temperature=temperature,
-            reduction="sum",
-            vocab_policy=vocab_policy,
-            student_head_bias=student_bias,
-            teacher_head_bias=None if teacher_bias is None else teacher_bias.detach(),
-            **kd_kwargs,
-        )
+        teacher_side = HeadStates(*scaled_head(teacher_head, teacher_hidden))
+        student_side = HeadStates(student_hidden, student_weight, student_bias)
+        kd_sum = strategy.values(student_side, teacher_side, mask, temperature, inputs)
     if want_hard:
         hard_sum = chunked_cross_entropy(
             student_hidden, student_weight, targets, bias=student_bias, chunk_size=chunk_size

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from kdistill.distillers.kd_terms import DenseKD, KDStrategy, Logits, Side
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
 from kdistill.losses import LOSSES
 from kdistill.schedules import Schedule, make_schedule, make_temperature_schedule
@@ -248,13 +249,27 @@ class Objective:
         total_steps: int,
         temperature: float | torch.Tensor | None = None,
     ) -> TermValue:
-        """Sum over counted positions of the divergence (× T² when configured, by :meth:`kd_value`)."""
+        """The dense KD term (:class:`~kdistill.distillers.kd_terms.DenseKD`) on two models' logits, × T² when
+        configured (by :meth:`kd_value`); the temperature is the schedule's at ``step`` unless given."""
         if temperature is None:
             temperature = self.temperature_at(step, total_steps, student_logits, teacher_logits)
-        values = self.kd_loss(
-            student_logits, teacher_logits, mask, temperature=temperature, reduction="none", **self.kd_kwargs
-        )
-        return self.kd_value(values, temperature)
+        strategy = DenseKD(self.kd_loss, self.kd_kwargs)
+        return self.kd_from(strategy, Logits(student_logits), Logits(teacher_logits), mask, temperature, {})
+
+    def kd_from(
+        self,
+        strategy: KDStrategy,
+        student: Side,
+        teacher: Side,
+        mask: torch.Tensor | None,
+        temperature: float | torch.Tensor,
+        batch: Mapping[str, Any],
+    ) -> TermValue:
+        """The KD term of one micro-batch by ``strategy``: its values, × T², summed over ``strategy.unit``.
+
+        What both backends call for every KD path (see :mod:`kdistill.distillers.kd_terms`).
+        """
+        return self.kd_value(strategy.values(student, teacher, mask, temperature, batch), temperature, strategy.unit)
 
     def kd_value(
         self, values: torch.Tensor, temperature: float | torch.Tensor, unit: str = "logit_positions"

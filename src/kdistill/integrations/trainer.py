@@ -48,12 +48,12 @@ import transformers
 from torch import nn
 
 from kdistill.core.shift import counted_next_tokens
+from kdistill.distillers.kd_terms import ChunkedKD, DenseKD, KDStrategy, TopKKD
 from kdistill.distillers.lm_cached import cached_lm_loss_sums
-from kdistill.distillers.lm_cross import UNIT as CROSS_UNIT
-from kdistill.distillers.lm_cross import aligned_pair_count, cross_tokenizer_loss_sums
+from kdistill.distillers.lm_cross import LMAlignedKD, cross_tokenizer_loss_sums
 from kdistill.distillers.lm_heads import lm_head_of
 from kdistill.distillers.lm_loss import causal_lm_loss_sums
-from kdistill.distillers.objective import TermValue, normalized_loss
+from kdistill.distillers.objective import Objective, TermValue, normalized_loss
 from kdistill.errors import InvalidArgumentError
 from kdistill.integrations.arguments import DistillationArguments
 from kdistill.integrations.on_policy import draw_on_policy, sample_on_policy_batch
@@ -67,6 +67,9 @@ from kdistill.integrations.trainer_setup import (
     load_teacher,
     wrap_with_peft,
 )
+from kdistill.tasks.causal_lm import CausalLMView
+
+CAUSAL_LM_VIEW = CausalLMView()  # what the KD strategies count a causal-LM batch's positions with
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -157,6 +160,8 @@ class DistillationTrainer(transformers.Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher
         self.objective = objective
+        # how the KD term is computed (kdistill.distillers.kd_terms), the engine's strategies over causal LMs
+        self.kd_strategy = lm_kd_strategy(objective, args, cached=cached)
         self.last_on_policy_batches: list[dict[str, torch.Tensor]] | None = None
         # the latest optimizer step's count of counted next tokens and its units of every kind (see unit_counts)
         self._step_counts: tuple[torch.Tensor, dict[str, float]] | None = None
@@ -189,12 +194,16 @@ class DistillationTrainer(transformers.Trainer):
         weights = self.objective.weights(step, total_steps)
         temperature = float(self.objective.temperature(step, total_steps))
         kd_weight, hard_weight = weights.get("kd", 0.0), weights.get("hard", 0.0)
-        kd_unit = "logit_positions"
+        strategy = self.kd_strategy
         if "teacher_topk" in inputs:  # the teacher's outputs read from a cache: the teacher does not run
+            used: KDStrategy = (
+                strategy if isinstance(strategy, TopKKD) else lm_kd_strategy(self.objective, args, cached=True)
+            )
             sums = cached_lm_loss_sums(
                 model, inputs, inputs["teacher_topk"], divergence=self.objective.kd_loss, temperature=temperature,
                 leftover_policy=args.cache_leftover, kd_weight=kd_weight, hard_weight=hard_weight,
                 chunked=args.chunked_loss, chunk_size=args.chunk_size, kd_kwargs=self.objective.kd_kwargs,
+                strategy=used,
             )  # fmt: skip
         elif self.teacher is None and kd_weight != 0:
             raise InvalidArgumentError(
@@ -203,31 +212,33 @@ class DistillationTrainer(transformers.Trainer):
             )
         elif args.cross_tokenizer is not None:
             self._teacher_to(_device_of(inputs))
-            kd_unit = CROSS_UNIT
+            used = strategy
             sums = cross_tokenizer_loss_sums(
                 model, self.teacher, inputs, method=args.cross_tokenizer, temperature=temperature,
                 kd_weight=kd_weight, hard_weight=hard_weight,
+                strategy=used,
             )  # fmt: skip
         else:
             self._teacher_to(_device_of(inputs))
             if kd_weight != 0:
                 check_one_tokenization(inputs)
+            used = strategy
             sums = causal_lm_loss_sums(
                 model, self.teacher, inputs, divergence=self.objective.kd_loss, temperature=temperature,
                 kd_weight=kd_weight, hard_weight=hard_weight, vocab_policy=args.vocab_policy,
                 chunked=args.chunked_loss, chunk_size=args.chunk_size, teacher_inputs=inputs.get("teacher"),
-                kd_kwargs=self.objective.kd_kwargs,
+                kd_kwargs=self.objective.kd_kwargs, strategy=used,
             )  # fmt: skip
         terms: dict[str, TermValue] = {}
         if sums.kd_sum is not None:
-            terms["kd"] = self.objective.kd_value(sums.kd_sum, temperature, kd_unit)
+            terms["kd"] = self.objective.kd_value(sums.kd_sum, temperature, used.unit)
         if sums.hard_sum is not None:
             terms["hard"] = TermValue(sums.hard_sum, "label_positions")
         own = self.unit_counts(inputs, with_kd=kd_weight != 0)
         if model.training and num_items_in_batch is not None:
             world = self.accelerator.num_processes if args.average_tokens_across_devices else 1
             loss = normalized_loss(terms, weights, self._counts_for(num_items_in_batch, own), world_size=world)
-            self._record_terms(sums.kd_sum, sums.hard_sum, own[kd_unit] if sums.kd_sum is not None else 0.0, own)
+            self._record_terms(sums.kd_sum, sums.hard_sum, own[used.unit] if sums.kd_sum is not None else 0.0, own)
         else:
             loss = normalized_loss(terms, weights, own)
         if return_outputs:
@@ -244,9 +255,8 @@ class DistillationTrainer(transformers.Trainer):
         """
         tokens = float(counted_next_tokens(batch["labels"]).sum())
         counts = {"logit_positions": tokens, "label_positions": tokens}
-        args: DistillationArguments = self.args  # type: ignore[assignment]
-        if args.cross_tokenizer is not None and with_kd:
-            counts[CROSS_UNIT] = float(aligned_pair_count(batch, args.cross_tokenizer))
+        if with_kd:
+            counts[self.kd_strategy.unit] = self.kd_strategy.count(batch, CAUSAL_LM_VIEW)
         return counts
 
     def _counts_for(self, num_items_in_batch: torch.Tensor | int, own: dict[str, float]) -> dict[str, float]:
@@ -355,3 +365,17 @@ class DistillationTrainer(transformers.Trainer):
 def _device_of(inputs: Mapping[str, Any]) -> torch.device | None:
     value = inputs.get("input_ids")
     return value.device if isinstance(value, torch.Tensor) else None
+
+
+def lm_kd_strategy(objective: Objective, args: DistillationArguments, cached: bool) -> KDStrategy:
+    """The KD strategy of a causal-LM run (:mod:`kdistill.distillers.kd_terms`): the cache's top-k, across
+    tokenizers, chunked from hidden states and LM heads, or dense on the logits."""
+    if cached:
+        return TopKKD(objective.kd_loss, objective.kd_kwargs, chunk_size=args.chunk_size)
+    if args.cross_tokenizer is not None:
+        return LMAlignedKD(args.cross_tokenizer)
+    if args.chunked_loss:
+        return ChunkedKD(
+            objective.kd_loss, objective.kd_kwargs, chunk_size=args.chunk_size, vocab_policy=args.vocab_policy
+        )
+    return DenseKD(objective.kd_loss, {**objective.kd_kwargs, "vocab_policy": args.vocab_policy})
