@@ -6,13 +6,15 @@
   ``teacher/``, ``student-distilled/``, ``student-baseline/``, ...): training lines (``train/<term>``,
   ``weight/<term>``, ``lr``) and eval lines (``eval/<metric>``), each with its ``step``;
 * ``compare.json``, a :func:`kdistill.eval.compare_models` result;
+* ``eval.json`` of the run and its sub-runs, and a grid's ``experiment.csv`` / ``experiment.png``
+  (:mod:`kdistill.report.sections`);
 * ``resolved_config.yaml``, else ``config.yaml``, else ``train_config.json``
 
 — and writes ``report.html`` (summary, comparison table, plots, configuration; the plots are PNGs embedded as
 base64 ``data:`` URIs and the CSS is inline, so the file can be mailed or attached as it is) and ``report.md``.
-A missing piece leaves its section saying "not available"; only a directory with neither metrics nor a comparison
-is an error. Plots are drawn on matplotlib ``Figure`` objects with the Agg canvas: matplotlib is imported when a
-report is built, never when kdistill is, and the global pyplot backend of the caller (a notebook) is left alone.
+A missing piece leaves its section saying "not available"; only a directory with none of these is an error.
+Plots are drawn on matplotlib ``Figure`` objects with the Agg canvas: matplotlib is imported when a report is
+built, never when kdistill is, and the global pyplot backend of the caller (a notebook) is left alone.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 from kdistill._io import atomic_write_text
 from kdistill.errors import KdistillError
 from kdistill.eval.compare import compare_markdown, compare_rows
+from kdistill.report.sections import evaluation_table, grid_table
 
 __all__ = ["build_report"]
 
@@ -347,10 +350,11 @@ def build_report(run_dir: str | Path, *, extra_compare: Mapping[str, Any] | None
         raise KdistillError(f"run directory {str(run_dir)!r} does not exist or is not a directory")
     runs, notes = _load_runs(run_dir)
     compare = dict(extra_compare) if extra_compare is not None else _load_compare(run_dir)
-    if not runs and compare is None:
+    evaluation, grid = evaluation_table(run_dir), grid_table(run_dir)
+    if not runs and compare is None and evaluation is None and grid is None:
         raise KdistillError(
-            f"nothing to report in {str(run_dir)!r}: no metrics.jsonl records (in it or in its sub-runs) "
-            "and no compare.json"
+            f"nothing to report in {str(run_dir)!r}: no metrics.jsonl records, no eval.json (in it or in its "
+            "sub-runs), no compare.json and no experiment.csv"
         )
     config = _load_config(run_dir)
     title = f"kdistill report: {run_dir.resolve().name}"
@@ -374,6 +378,12 @@ def build_report(run_dir: str | Path, *, extra_compare: Mapping[str, Any] | None
         summary_md += ["", _markdown_table(header, cells)]
     else:
         summary_html.append(_na("Training runs not available: no metrics.jsonl records."))
+    for table in [evaluation, grid[0] if grid else None]:
+        if table is not None:
+            summary_html.append(f"<h3>{html.escape(table.title)}</h3>" + _html_table(table.header, table.cells))
+            summary_md += ["", f"### {table.title}", "", _markdown_table(table.header, table.cells)]
+    if grid and grid[1]:
+        summary_html.append(_image(grid[1], "the experiment grid's metrics per variant"))
     summary_html += [_na(note) for note in notes]
 
     # Comparison
