@@ -17,12 +17,24 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """Load the config with its overrides, run it, print where it went and its metrics; 0 on success."""
     # imported here so that `kdistill --help` does not import torch
+    from pathlib import Path
+
     from kdistill.config import load_config
+    from kdistill.config.loader import read_yaml_mapping
+    from kdistill.config.multitask import is_multitask, load_multitask_config
+    from kdistill.runs.multitask import run_multitask
     from kdistill.runs.run import run as run_config
 
-    config = load_config(args.config, args.overrides)
-    result = run_config(config)
-    print(f"{config.mode} run complete in {result.seconds:.0f} s: {result.output_dir}")
+    data = read_yaml_mapping(Path(args.config), "config file")
+    if is_multitask(data):  # a top-level `tasks:` list: one student body, a head per task
+        multitask = load_multitask_config(args.config, args.overrides, data=data)
+        result = run_multitask(multitask)
+        mode = "multi-task"
+    else:
+        config = load_config(args.config, args.overrides, data=data)
+        result = run_config(config)
+        mode = config.mode
+    print(f"{mode} run complete in {result.seconds:.0f} s: {result.output_dir}")
     for key, value in result.metrics.items():
         print(f"  {key:<28}{value:.4f}")
     return 0

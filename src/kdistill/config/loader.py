@@ -111,14 +111,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
         raise ConfigError(format_validation_error(error, data)) from None
 
 
-def format_validation_error(error: ValidationError, data: dict[str, Any]) -> str:
-    """The first problem as one line: the dotted key, what is wrong, and for unknown keys the closest valid one."""
+def format_validation_error(error: ValidationError, data: dict[str, Any], schema: type[BaseModel] = RunConfig) -> str:
+    """The first problem as one line: the dotted key, what is wrong, and for unknown keys the closest valid one
+    (looked up in ``schema``, the model that was validated)."""
     first = error.errors()[0]
     location = [str(part) for part in first["loc"]]
     key = ".".join(location) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
-        parent = _model_at(RunConfig, location[:-1])
+        parent = _model_at(schema, location[:-1])
         known = sorted(parent.model_fields) if parent is not None else []
         close = difflib.get_close_matches(location[-1], known, n=1)
         hint = f"; did you mean {'.'.join([*location[:-1], close[0]])!r}?" if close else ""
