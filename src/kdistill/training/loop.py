@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from kdistill.data import PadCollator
 from kdistill.distillers.objective import normalized_loss
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.training.checkpoint import (
@@ -204,8 +205,6 @@ def train(
 
     if collate_fn is None:
         from torch.utils.data import default_collate
-
-        from kdistill.data import PadCollator
 
         first = train_data[0]
         collate_fn = PadCollator() if isinstance(first, Mapping) and "input_ids" in first else default_collate
