@@ -1,5 +1,6 @@
 """Loss library: pure tensor functions (torch only), checked against float64 references in the tests."""
 
+from kdistill.losses._common import VOCAB_POLICIES, align_vocab
 from kdistill.losses.chunked import chunked_divergence
 from kdistill.losses.cross_tokenizer import (
     align_by_offsets,
@@ -24,7 +25,9 @@ from kdistill.losses.sparse import sparse_divergence
 
 __all__ = [
     "LOSSES",
+    "VOCAB_POLICIES",
     "align_by_offsets",
+    "align_vocab",
     "aligned_distillation_loss",
     "aligned_distillation_loss_batch",
     "attention_kl",

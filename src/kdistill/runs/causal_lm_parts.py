@@ -30,9 +30,10 @@ def evaluate_causal_lm(
     parts: RunParts, model: nn.Module, split: str, batch_size: int, *, with_teacher: bool = True
 ) -> dict[str, float]:
     """Perplexity, next-token accuracy and, when the run has a teacher (and ``with_teacher``), agreement and KL to it,
-    on ``split``."""
+    on ``split``; the two vocabularies compared by the run's ``distill.kd_kwargs.vocab_policy``, as in training."""
     batches = make_batches(parts.eval_examples[split], parts.collate, batch_size)
-    return evaluate_lm(model, batches, teacher=parts.teacher if with_teacher else None)
+    policy = parts.config.distill.kd_kwargs.get("vocab_policy", "error")
+    return evaluate_lm(model, batches, teacher=parts.teacher if with_teacher else None, vocab_policy=policy)
 
 
 def causal_lm_parts(config: RunConfig) -> RunParts:

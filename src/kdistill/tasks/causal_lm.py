@@ -25,6 +25,7 @@ from kdistill.core.views import _logits_of
 from kdistill.data.sft import pack_texts, render_sft
 from kdistill.data.sft_collate import SFTCollator
 from kdistill.errors import InvalidArgumentError, VocabMismatchError
+from kdistill.losses import align_vocab
 from kdistill.tasks.base import column_values, iter_logits, tokenizers_differ
 
 
@@ -197,11 +198,14 @@ def evaluate_lm(
     *,
     teacher: nn.Module | None = None,
     temperature: float = 1.0,
+    vocab_policy: str = "error",
 ) -> dict[str, float]:
     """Every causal-LM score in one pass over ``batches`` (one forward of each model per batch).
 
     ``loss`` (mean NLL per counted next token), ``perplexity`` and ``next_token_accuracy`` against the labels; with a
-    ``teacher``, also ``teacher_agreement`` and ``kl_to_teacher`` (see :func:`lm_agreement`).
+    ``teacher``, also ``teacher_agreement`` and ``kl_to_teacher`` (see :func:`lm_agreement`), compared over one
+    vocabulary as training compares them: ``vocab_policy`` (``"error"``, ``"truncate"``, ``"pad"``, see
+    :func:`kdistill.losses._common.align_vocab`) decides what differing vocabulary sizes mean.
     """
     totals = torch.zeros(3, dtype=torch.float64)  # nll, correct, count
     agree = kl = 0.0
@@ -213,10 +217,7 @@ def evaluate_lm(
         _, t_logits = next(teacher_logits)
         counted = counted_next_tokens(batch["labels"].to(s_logits.device))
         s_rows, t_rows = s_logits[counted].double(), t_logits.to(s_logits.device)[counted].double()
-        if s_rows.shape[-1] != t_rows.shape[-1]:
-            raise VocabMismatchError(
-                f"student logits have {s_rows.shape[-1]} entries but teacher logits {t_rows.shape[-1]}"
-            )
+        s_rows, t_rows = align_vocab(s_rows, t_rows, vocab_policy)
         agree += float((s_rows.argmax(-1) == t_rows.argmax(-1)).sum())
         t_logp = (t_rows / temperature).log_softmax(-1)
         s_logp = (s_rows / temperature).log_softmax(-1)
