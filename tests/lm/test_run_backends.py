@@ -108,3 +108,21 @@ def test_encoder_tasks_refuse_the_trainer_backend(tmp_path: Path) -> None:
             "training": {"backend": "trainer"}}  # fmt: skip
     with pytest.raises(ConfigError, match=r"training.backend 'trainer' .* causal LMs only"):
         load_config(data=data)
+
+
+def test_both_backends_log_alike_into_the_run_directory(tmp_path: Path, capsys) -> None:
+    records = {}
+    for backend in ("trainer", "engine"):
+        training = {"num_epochs": 2, "log_every": 1, "log_with": ["tensorboard"], "progress": True}
+        result = run(load_config(data=_config(tmp_path, backend, training=training)))
+        out = result.output_dir
+        assert not (out / "trainer" / "runs").exists()  # the Trainer's own TensorBoard folder is not used
+        assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
+        records[backend] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "{'loss'" not in capsys.readouterr().out  # no log printed as a Python dict
+    trained = {backend: [r for r in rows if "train/loss" in r] for backend, rows in records.items()}
+    assert [r["step"] for r in trained["trainer"]] == [r["step"] for r in trained["engine"]] == [1, 2]
+    assert set(trained["trainer"][0]) == set(trained["engine"][0]) >= {"train/kd", "train/hard", "weight/kd", "lr"}
+    for ours, theirs in zip(trained["trainer"], trained["engine"], strict=True):
+        for key in ("train/loss", "train/kd", "train/hard", "weight/kd", "weight/hard", "lr"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key

@@ -51,6 +51,7 @@ from kdistill.data.sft_collate import SFTCollator
 from kdistill.distillers import Distiller, Objective, Stage, SupervisedTrainer
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.integrations.arguments import DistillationArguments
+from kdistill.integrations.run_log import use_run_log
 from kdistill.integrations.trainer import DistillationTrainer
 from kdistill.runs.cache_checks import cached_teacher_parts
 from kdistill.runs.causal_lm_parts import (
@@ -218,7 +219,7 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         save_strategy="steps" if training.save_every else "no",
         save_steps=training.save_every or 500,
         save_total_limit=training.keep_last,
-        report_to=list(training.log_with),
+        report_to=[],  # metrics.jsonl and TensorBoard are written by RunLogCallback, as the engine writes them
         disable_tqdm=not training.progress,
         seed=config.seed,
         data_seed=config.seed,
@@ -323,6 +324,7 @@ def _run_on_trainer(
         data_collator=collator,
         processing_class=tokenizer,
     )
+    use_run_log(trainer, out, tensorboard="tensorboard" in config.training.log_with, progress=config.training.progress)
     with recorded_run(out, config, start) as record:
         resume = config.resume and any((out / "trainer").glob("checkpoint-*"))
         trainer.train(resume_from_checkpoint=True if resume else None)

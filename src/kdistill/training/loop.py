@@ -366,6 +366,7 @@ def train(
             if cfg.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
             optimizer.step()
+            step_lr = scheduler.get_last_lr()[0]  # the rate this step used (logged as the Trainer logs it)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if hasattr(distiller, "after_step"):
@@ -382,7 +383,7 @@ def train(
                 progress.update(1)
             if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                record = {"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0]}
+                record = {"step": state["step"], "epoch": state["epoch"], "lr": step_lr}
                 record.update({f"train/{k}": v / running_steps for k, v in running.items()})
                 record.update({f"weight/{k}": v for k, v in (weights or {}).items()})
                 record["samples_per_second"] = examples_seen / elapsed
