@@ -126,3 +126,25 @@ def test_both_backends_log_alike_into_the_run_directory(tmp_path: Path, capsys) 
     for ours, theirs in zip(trained["trainer"], trained["engine"], strict=True):
         for key in ("train/loss", "train/kd", "train/hard", "weight/kd", "weight/hard", "lr"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_causal_lm_teaches_itself_through_its_ema_on_the_engine(tmp_path: Path) -> None:
+    student = write_model(tmp_path / "student")
+    data = _config(tmp_path, "engine", student={"kind": "pretrained", "path": str(student)},
+                   distill={"ema_decay": 0.5}, training={"num_epochs": 2})  # fmt: skip
+    data["teacher"] = "ema"
+    data["student"].pop("layers")
+    result = run(load_config(data=data))
+    metrics = json.loads((result.output_dir / "eval.json").read_text())
+    assert "validation/perplexity" in metrics and "validation/kl_to_teacher" not in metrics
+    assert "the teacher is the student itself (teacher: ema)" in metrics["not_measured"]
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train/kd", 0.0) > 0.0 for r in records)  # the EMA moved away from the student: a real target
+    trained = load_file(str(result.student_dir / "model.safetensors"))
+    initial = load_file(str(student / "model.safetensors"))
+    assert any(not torch.equal(trained[key], initial[key]) for key in initial)
+    data["training"]["backend"] = "trainer"
+    data["output_dir"] = str(tmp_path / "refused")
+    with pytest.raises(Exception, match=r"teacher: ema \(self-distillation\) is not available on training.backend"):
+        run(load_config(data=data))
+    assert not (tmp_path / "refused").exists()

@@ -86,6 +86,12 @@ class MultiTaskConfig(Strict):
             raise ValueError("student.vocab 'own' builds a vocabulary per task; a shared body needs vocab 'teacher'")
         if self.training.backend == "trainer":
             raise ValueError("training.backend 'trainer' trains causal LMs only; a multi-task run trains on 'engine'")
+        for spec in self.tasks:
+            if not spec.teacher.is_model:
+                raise ValueError(
+                    f"tasks: task {spec.name!r} has teacher {spec.teacher.kind!r}; a multi-task run distils each "
+                    "task from a teacher model (teacher.path)"
+                )
         for index in range(len(self.tasks)):
             self.task_config(index)  # each task's run config must be valid on its own
         return self

@@ -88,16 +88,50 @@ class TrainingConfig(Strict):
     backend: Literal["engine", "trainer"] | None = None
 
 
-class TeacherConfig(Strict):
-    """The teacher: a model path or hub id, optionally fine-tuned on the task first (cached by its config)."""
+TEACHER_KINDS = ("model", "ema", "self")
 
-    path: str  # local directory, hub id, "packaged:all-MiniLM-L6-v2" or "packaged:SmolLM2-135M-Instruct"
+
+class TeacherConfig(Strict):
+    """The teacher: a model path or hub id, optionally fine-tuned on the task first (cached by its config); or the
+    student itself (self-distillation): ``kind: ema``, an exponential moving average of the student's weights that
+    teaches it (``distill.ema_decay``), or ``kind: self``, the student's own deeper layers teaching its shallower
+    ones through ``distill.matches``. ``teacher: ema`` and ``teacher: self`` are short for ``{kind: ...}``, and
+    ``teacher: PATH`` for ``{path: PATH}``."""
+
+    kind: Literal["model", "ema", "self"] = "model"
+    path: str | None = None  # local directory, hub id, "packaged:all-MiniLM-L6-v2" or "packaged:SmolLM2-135M-Instruct"
     gguf_file: str | None = None  # a GGUF file inside path (loaded de-quantized to float32)
     adapter: str | None = None  # a LoRA (peft) adapter applied to the teacher: a LoRA-tuned teacher
     fine_tune: bool = False  # train a task head (and the body) on the training data before distilling
     fine_tune_training: TrainingConfig = Field(default_factory=lambda: TrainingConfig())  # its training settings
     seed: int | None = None  # seed of the fine-tuning (default: the run's seed); teachers of one run may differ
     cache_dir: str | None = None  # where a fine-tuned teacher is kept so reruns skip it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):  # teacher: ema | self | PATH
+            return {"kind": value} if value in ("ema", "self") else {"path": value}
+        return value
+
+    @model_validator(mode="after")
+    def _a_model_or_the_student(self) -> TeacherConfig:
+        if self.kind == "model" and self.path is None:
+            raise ValueError("teacher.path is required (a model directory or hub id), or teacher: ema | self")
+        if self.kind != "model":
+            given = [name for name in ("path", "gguf_file", "adapter", "cache_dir") if getattr(self, name) is not None]
+            given += ["fine_tune"] if self.fine_tune else []
+            if given:
+                raise ValueError(
+                    f"teacher.{given[0]} cannot be used with teacher.kind {self.kind!r}: that teacher is the student "
+                    "itself, so there is no model to load; remove it"
+                )
+        return self
+
+    @property
+    def is_model(self) -> bool:
+        """Whether the teacher is a model of its own (not the student: ``ema`` or ``self``)."""
+        return self.kind == "model"
 
 
 class LoraSpec(Strict):
@@ -168,6 +202,7 @@ class DistillConfig(Strict):
     # distance; "align": tokens grouped by the characters they cover, compared at the end of each group.
     # None: token-level KD needs one tokenization (sequence-level tasks need nothing).
     cross_tokenizer: Literal["uld", "align"] | None = None
+    ema_decay: float = Field(0.999, ge=0, lt=1)  # teacher: ema — the teacher moves (1 - decay) toward the student
     # causal_lm only
     chunked_loss: bool = False  # the divergence from hidden states and LM heads, chunk by chunk: no (B, T, V) logits
     chunk_size: int = Field(1024, gt=0)
@@ -211,6 +246,9 @@ class RunConfig(Strict):
             raise ValueError(f"mode {self.mode!r} needs a teacher section (teacher.path)")
         if self.extra_teachers and self.mode != "distill":
             raise ValueError("extra_teachers only make sense with mode 'distill'")
+        for index, extra in enumerate(self.extra_teachers):
+            if not extra.is_model:
+                raise ValueError(f"extra_teachers[{index}] must be a model (path), not {extra.kind!r}")
         trainer_sections = [("training", self.training)]
         if self.teacher is not None:
             trainer_sections.append(("teacher.fine_tune_training", self.teacher.fine_tune_training))
@@ -222,4 +260,42 @@ class RunConfig(Strict):
                 )
         if self.mode == "baseline" and self.student.kind == "from_teacher" and self.teacher is None:
             raise ValueError("student.kind 'from_teacher' needs a teacher section to copy layers from")
+        if self.teacher is not None and not self.teacher.is_model:
+            self._check_self_distillation(self.teacher.kind)
         return self
+
+    def _check_self_distillation(self, kind: str) -> None:
+        """``teacher: ema | self``: the student teaches itself; refuse what needs a teacher model of its own."""
+        own = f"teacher: {kind} is the student itself"
+        if self.mode != "distill":
+            raise ValueError(f"{own}, which only mode 'distill' uses; give teacher.path for mode {self.mode!r}")
+        if self.student.kind != "pretrained":
+            raise ValueError(
+                f"student.kind {self.student.kind!r} builds the student from a teacher model, but {own}; use "
+                "student.kind 'pretrained' with student.path (the model that teaches itself)"
+            )
+        refused = {
+            "extra_teachers": bool(self.extra_teachers),
+            "distill.teacher_cache": self.distill.teacher_cache is not None,
+            "distill.cross_tokenizer": self.distill.cross_tokenizer is not None,
+        }
+        for name, used in refused.items():
+            if used:
+                raise ValueError(f"{name} cannot be used with teacher: {kind}: it needs a teacher model of its own")
+        if kind == "self":
+            spec = self.distill
+            if spec.layer_map is not None:
+                raise ValueError(
+                    "distill.layer_map pairs teacher layers with student layers; with teacher: self name both sides "
+                    "in distill.matches (teacher: the deeper layer, student: the shallower one)"
+                )
+            if not spec.matches:
+                raise ValueError(
+                    "teacher: self teaches through distill.matches (the student's deeper layers teach its shallower "
+                    "ones); give at least one match"
+                )
+            if not isinstance(spec.kd_weight, (int, float)) or float(spec.kd_weight) != 0.0:
+                raise ValueError(
+                    "distill.kd_weight must be 0 with teacher: self: the student's own output distribution is no "
+                    "target for itself (use teacher: ema for a KD term on the outputs)"
+                )

@@ -41,6 +41,11 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.teacher is None:
         raise InvalidArgumentError("the run has no teacher section: there is nothing to cache")
+    if config.teacher.path is None:  # teacher: ema | self
+        raise InvalidArgumentError(
+            f"teacher: {config.teacher.kind} is the student itself, which changes as it trains: there is nothing to "
+            "cache"
+        )
     if config.distill.cross_tokenizer is not None:
         raise InvalidArgumentError(
             f"distill.cross_tokenizer={config.distill.cross_tokenizer!r}: a teacher with its own tokenization cannot "

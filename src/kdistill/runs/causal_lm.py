@@ -79,6 +79,11 @@ CROSS_NOT_MEASURED = (
     "and both compare next-token distributions over one vocabulary, position by position"
 )
 
+SELF_NOT_MEASURED = (
+    "teacher_agreement and kl_to_teacher: the teacher is the student itself (teacher: {kind}), so there is no "
+    "other model to compare with"
+)
+
 
 def causal_lm_backend(config: RunConfig) -> str:
     """``training.backend`` of a causal-LM run: ``"trainer"`` (DistillationTrainer, the default) or ``"engine"``."""
@@ -154,6 +159,11 @@ def _check_trainer_backend(config: RunConfig) -> None:
         raise InvalidArgumentError(
             f"training.{name} picks the student by the task's metrics (perplexity, kl_to_teacher, ...), which "
             f"training.backend 'trainer' does not compute while it trains{engine}"
+        )
+    if config.teacher is not None and not config.teacher.is_model and config.mode == "distill":
+        raise InvalidArgumentError(
+            f"teacher: {config.teacher.kind} (self-distillation) is not available on training.backend 'trainer', "
+            f"which distils a teacher model of its own{engine}"
         )
     if spec.teacher_cache is not None and config.mode == "distill" and training.eval_every:
         raise InvalidArgumentError(
@@ -286,6 +296,8 @@ def run_causal_lm(config: RunConfig) -> RunResult:
     if cached:  # the cache stands in for the teacher: checked against the run before anything is written
         check_teacher_cache(config, parts)
     not_measured = CACHE_NOT_MEASURED if cached else CROSS_NOT_MEASURED if cross else None
+    if config.teacher is not None and not config.teacher.is_model:
+        not_measured = SELF_NOT_MEASURED.format(kind=config.teacher.kind)
     if causal_lm_backend(config) == "engine":
         return _run_on_engine(config, parts, start, cached=cached, not_measured=not_measured)
     return _run_on_trainer(config, parts, start, cached=cached, cross=cross, not_measured=not_measured)
@@ -353,9 +365,11 @@ def engine_distiller(config: RunConfig, parts: RunParts) -> tuple[Distiller, lis
         distiller, examples, collate = cached_teacher_parts(config, parts, objective)
         parts.teacher = None  # built only to shape the student; the cache stands in for it, so it is not kept
         return distiller, examples, collate
-    teacher = parts.task.adapt_teacher(
-        parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
-    )
+    teacher = None  # teacher: ema | self — the student teaches itself
+    if parts.teacher is not None:
+        teacher = parts.task.adapt_teacher(
+            parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
+        )
     distiller = teacher_distiller(config, parts, teacher, objective, view)
     return distiller, parts.train_examples, parts.collate
 

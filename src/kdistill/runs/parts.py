@@ -183,7 +183,7 @@ def build_parts(config: RunConfig) -> RunParts:
     splits = load_data(config)
     task = make_task(config, splits)
     teacher = teacher_tokenizer = None
-    if config.teacher is not None:
+    if config.teacher is not None and config.teacher.is_model:  # not the student itself (teacher: ema | self)
         set_seed(config.seed)  # a new task head is drawn from the global RNG
         teacher, teacher_tokenizer = load_teacher(config, task, splits)
     extra_teachers = []
@@ -218,9 +218,18 @@ def build_parts(config: RunConfig) -> RunParts:
 
 
 def teacher_distiller(
-    config: RunConfig, parts: RunParts, teacher: nn.Module, objective: Objective, view: SequenceView | TokenView
+    config: RunConfig,
+    parts: RunParts,
+    teacher: nn.Module | None,
+    objective: Objective,
+    view: SequenceView | TokenView,
 ) -> Distiller:
-    """The distiller of a live teacher: ``teacher`` alone, or with ``extra_teachers`` (weighted as configured)."""
+    """The distiller of a live teacher: ``teacher`` alone, or with ``extra_teachers`` (weighted as configured), or
+    the student itself (``teacher: ema | self``; ``teacher`` is then None)."""
+    assert parts.student is not None
+    if config.teacher is not None and not config.teacher.is_model:
+        return Distiller(parts.student, config.teacher.kind, objective, view=view, ema_decay=config.distill.ema_decay)
+    assert teacher is not None
     if not parts.extra_teachers:
         return Distiller(parts.student, teacher, objective, view=view)
     return MultiTeacherDistiller(
@@ -239,9 +248,10 @@ def build_objective(config: RunConfig, parts: RunParts) -> Objective:
     spec = config.distill
     matches = [Match(**m.model_dump()) for m in spec.matches]
     if spec.layer_map is not None:
+        teacher = parts.teacher if parts.teacher is not None else parts.student  # teacher: ema copies the student
         matches += expand_layer_map(
             spec.layer_map,
-            num_layers(parts.teacher),
+            num_layers(teacher),
             num_layers(parts.student),
             loss=spec.layer_map_loss,
             weight=spec.layer_map_weight,

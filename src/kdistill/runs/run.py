@@ -66,12 +66,14 @@ def run(config: RunConfig) -> RunResult:
 
 
 def _live_distiller(config: RunConfig, parts: RunParts) -> Distiller:
-    """The distiller of a run whose teacher (or teachers) run alongside the student."""
+    """The distiller of a run whose teacher (or teachers, or the student itself) run alongside the student."""
+    objective = build_objective(config, parts)
+    view = parts.task.view
+    if parts.teacher is None:  # teacher: ema | self — the student teaches itself
+        return teacher_distiller(config, parts, None, objective, view)
     teacher = parts.task.adapt_teacher(
         parts.teacher, tokenizer=parts.student_tokenizer, teacher_tokenizer=parts.teacher_tokenizer
     )
-    objective = build_objective(config, parts)
-    view = parts.task.view
     if config.distill.cross_tokenizer is not None:  # token level: the teacher keeps its own tokens (make_task)
         if parts.extra_teachers:
             raise KdistillError(

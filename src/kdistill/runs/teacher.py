@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 def teacher_cache_dir(config: RunConfig) -> Path:
     """Where the teacher fine-tuned for this config's task and data is kept (keyed by everything that shapes it)."""
-    assert config.teacher is not None
+    assert config.teacher is not None and config.teacher.path is not None  # a model teacher
     path = resolve_model_path(config.teacher.path)
     training = _teacher_training(config).model_dump()
     key = config_hash(path, config.task, config.data.model_dump(), training, _teacher_seed(config))
@@ -61,7 +61,7 @@ def _teacher_seed(config: RunConfig) -> int:
 def load_teacher(config: RunConfig, task: Task, splits: DatasetDict) -> tuple[nn.Module, Tokenizer]:
     """The teacher and its tokenizer; fine-tuned on ``task`` and ``splits`` first (once, cached) when
     ``teacher.fine_tune`` (and the run is not itself the fine-tuning)."""
-    assert config.teacher is not None
+    assert config.teacher is not None and config.teacher.path is not None  # a model teacher
     spec = config.teacher
     path = resolve_model_path(spec.path)
     if spec.fine_tune and config.mode != "train_teacher":
