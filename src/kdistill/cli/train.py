@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_config(config)
         mode = config.mode
     print(f"{mode} run complete in {result.seconds:.0f} s: {result.output_dir}")
+    width = max((len(key) for key in result.metrics), default=0) + 2
     for key, value in result.metrics.items():
-        print(f"  {key:<28}{value:.4f}")
+        print(f"  {key:<{width}}{value:.4f}")
     return 0

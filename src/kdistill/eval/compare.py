@@ -157,6 +157,14 @@ class _Agreement:
         return agreement, mean_kl
 
 
+def _reduced(
+    reduce_batch: Callable[[list[torch.Tensor], Mapping[str, Any]], list[torch.Tensor]] | None,
+    heads: list[torch.Tensor],
+    batch: Mapping[str, Any],
+) -> list[torch.Tensor]:
+    return heads if reduce_batch is None else reduce_batch(heads, batch)
+
+
 def _slice_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
     """The first ``size`` examples of a batch: tensors sliced on dim 0, nested input dicts likewise."""
     sliced: dict[str, Any] = {}
@@ -207,6 +215,7 @@ def compare_models(
     cka_layers: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     latency_repeats: int = 20,
     vocab_policy: str = "error",
+    reduce_batch: Callable[[list[torch.Tensor], Mapping[str, Any]], list[torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a teacher and its students on the same batches.
 
@@ -225,6 +234,8 @@ def compare_models(
         cka_layers: student name → ``(teacher spec, student spec)`` pairs for :func:`~kdistill.eval.cka.layer_cka`.
         latency_repeats: timed forwards per model (after 3 warm-up forwards).
         vocab_policy: passed to :func:`~kdistill.losses.forward_kl` when the vocabularies differ.
+        reduce_batch: ``(heads, batch) -> heads`` applied to each batch's logits before ``task_metric`` keeps them
+            (a causal LM's next-token statistics in place of its ``(B, T, V)`` logits); None keeps the logits.
 
     Returns:
         A JSON-able dict (see the module docstring). ``agreement`` is the fraction of counted positions where
@@ -265,12 +276,12 @@ def compare_models(
             teacher_heads = _forward_logits(teacher, "teacher", batch, view)
             mask = view.kd_mask(batch)
             if task_metric is not None:
-                stored[teacher.name].append(teacher_heads)
+                stored[teacher.name].append(_reduced(reduce_batch, teacher_heads, batch))
             for entry in students:
                 heads = _forward_logits(entry, "student", batch, view)
                 agreements[entry.name].add(index, teacher_heads, heads, mask)
                 if task_metric is not None:
-                    stored[entry.name].append(heads)
+                    stored[entry.name].append(_reduced(reduce_batch, heads, batch))
 
     rows: list[dict[str, Any]] = []
     for entry in entries:
