@@ -124,6 +124,7 @@ def test_both_backends_log_alike_into_the_run_directory(tmp_path: Path, capsys) 
     assert [r["step"] for r in trained["trainer"]] == [r["step"] for r in trained["engine"]] == [1, 2]
     assert set(trained["trainer"][0]) == set(trained["engine"][0]) >= {"train/kd", "train/hard", "weight/kd", "lr"}
     for ours, theirs in zip(trained["trainer"], trained["engine"], strict=True):
+        assert ours["epoch"] == theirs["epoch"]
         for key in ("train/loss", "train/kd", "train/hard", "weight/kd", "weight/hard", "lr"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-7), key
 
@@ -148,3 +149,20 @@ def test_a_causal_lm_teaches_itself_through_its_ema_on_the_engine(tmp_path: Path
     with pytest.raises(Exception, match=r"teacher: ema \(self-distillation\) is not available on training.backend"):
         run(load_config(data=data))
     assert not (tmp_path / "refused").exists()
+
+
+def test_bf16_on_a_cpu_runs_on_both_backends_alike(tmp_path: Path) -> None:
+    losses = {}
+    for precision in ("no", "bf16"):
+        for backend in ("trainer", "engine"):
+            training = {"mixed_precision": precision, "num_epochs": 1, "log_every": 1}
+            data = _config(tmp_path, backend, training=training)
+            data["output_dir"] = str(tmp_path / f"{precision}-{backend}")
+            result = run(load_config(data=data))
+            records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+            losses[precision, backend] = next(r["train/loss"] for r in records if "train/loss" in r)
+            assert json.loads((result.output_dir / "eval.json").read_text())["validation/perplexity"] > 1.0
+    # bf16 autocast really ran (the loss moved off float32's) and both backends ran it alike
+    assert losses["no", "trainer"] == pytest.approx(losses["no", "engine"], rel=1e-5)
+    assert abs(losses["bf16", "trainer"] - losses["no", "trainer"]) > 1e-6 * abs(losses["no", "trainer"])
+    assert losses["bf16", "trainer"] == pytest.approx(losses["bf16", "engine"], rel=2e-2)

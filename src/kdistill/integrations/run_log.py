@@ -3,7 +3,7 @@
 :class:`RunLogCallback` turns the Trainer's logs into the records kdistill's loop writes (``training/loop.py``), so a
 causal-LM run directory reads the same on both backends (``kdistill report`` and ``experiment`` read either):
 
-* training: ``{"step", "epoch", "lr", "train/loss", "train/kd", "train/hard", "weight/kd", "weight/hard"}`` —
+* training: ``{"step", "epoch" (0-based), "lr", "train/loss", "train/kd", "train/hard", "weight/kd", "weight/hard"}`` —
   ``train/loss`` the optimized total, ``train/<term>`` each term's mean per unit as the loss uses it (the KD term
   × T² when ``t2_scaling`` is on), ``weight/<term>`` its weight at that step, ``samples_per_second`` from the
   nominal examples per step (batch × accumulation × processes; a short last batch counts as full);
@@ -17,6 +17,7 @@ each log's Python dict.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,9 @@ class RunLogCallback(TrainerCallback):
         step = state.global_step
         if "loss" in logs:  # a training log
             total = max(state.max_steps, step, 1)
-            record: dict[str, Any] = {"step": step, "epoch": logs.get("epoch", state.epoch)}
+            # the engine's epoch: the 0-based index of the epoch this step belongs to (the Trainer's is a fraction)
+            epoch = float(logs.get("epoch", state.epoch) or 0.0)
+            record: dict[str, Any] = {"step": step, "epoch": max(math.ceil(epoch - 1e-9) - 1, 0)}
             record["lr"] = logs.get("learning_rate")
             record["train/loss"] = logs["loss"]
             temperature = float(self.objective.temperature(max(step - 1, 0), total))

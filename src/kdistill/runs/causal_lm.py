@@ -223,6 +223,7 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
         max_grad_norm=training.max_grad_norm or 0.0,
         bf16=training.mixed_precision == "bf16",
         fp16=training.mixed_precision == "fp16",
+        use_cpu=not _has_cuda(),  # bf16 autocast then runs on the CPU, as the engine's accelerate loop runs it
         logging_steps=training.log_every,
         eval_strategy="steps" if training.eval_every else "no",
         eval_steps=training.eval_every,
