@@ -26,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kdistill.distillers.objective import Objective
+from kdistill.integrations.trainer import DistillationTrainer
 
 
 class RunLogCallback(TrainerCallback):
@@ -131,7 +132,7 @@ class QuietProgressCallback(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0.0):.2e}")
 
 
-def use_run_log(trainer: Any, run_dir: str | Path, *, tensorboard: bool, progress: bool) -> None:
+def use_run_log(trainer: DistillationTrainer, run_dir: str | Path, *, tensorboard: bool, progress: bool) -> None:
     """Give a ``DistillationTrainer`` the engine's logs: :class:`RunLogCallback` in place of the Trainer's printer,
     and :class:`QuietProgressCallback` (when ``progress``) in place of its progress bar."""
     trainer.remove_callback(PrinterCallback)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -68,6 +68,9 @@ from kdistill.runs.records import RunResult, check_output_dir, recorded_run
 from kdistill.schedules import TEMPERATURE_SCHEDULES
 from kdistill.tasks.causal_lm import CausalLMView
 from kdistill.training import train
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 # what eval.json says in place of the teacher metrics when a cache stood in for the teacher
 CACHE_NOT_MEASURED = (
@@ -201,7 +204,7 @@ def _check_engine_backend(config: RunConfig) -> None:
             raise InvalidArgumentError(f"{name} is not available on training.backend 'engine': {why}{trainer}")
 
 
-def distillation_arguments(config: RunConfig, output_dir: Path) -> Any:
+def distillation_arguments(config: RunConfig, output_dir: Path) -> DistillationArguments:
     """The run's :class:`DistillationArguments` (what ``training`` and ``distill`` say, in the Trainer's words)."""
     training, spec = config.training, config.distill
     kd_kwargs = dict(spec.kd_kwargs)
@@ -266,7 +269,7 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def lora_config(config: RunConfig) -> Any:
+def lora_config(config: RunConfig) -> LoraConfig | None:
     """peft's ``LoraConfig`` for ``student.lora`` (None without it)."""
     spec = config.student.lora
     if spec is None:
