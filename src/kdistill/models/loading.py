@@ -26,7 +26,7 @@ from torch import nn
 from kdistill.data.packaged import MissingPackageError, package_dir
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import KdistillError, VocabMismatchError
-from kdistill.models.students import BIRNN_MODEL_TYPE, BiRNNClassifier
+from kdistill.models.birnn import BIRNN_MODEL_TYPE, BiRNNClassifier
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -96,6 +96,7 @@ def load_model(
     field_name: str,
     *,
     label_names: Sequence[str] | None = None,
+    num_labels: int | None = None,
     gguf_file: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
@@ -106,6 +107,7 @@ def load_model(
         model_class: the transformers class that loads it (a task's ``auto_model_class``).
         field_name: the config field ``path`` came from, named in the error.
         label_names: the classes in id order, for a classification head (``num_labels``, ``id2label``).
+        num_labels: the size of a classification head whose classes have no names (when ``label_names`` is None).
         gguf_file: a GGUF file inside ``path``: de-quantized and rebuilt from its config without the quantization
             record, so the model (and students cut from it) can be trained and saved like any other.
         dtype: the parameters' dtype.
@@ -120,6 +122,8 @@ def load_model(
         kwargs.update(
             num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
         )
+    elif num_labels is not None:
+        kwargs["num_labels"] = num_labels
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from torch import nn
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import InvalidArgumentError, KdistillError, UnknownNameError
 from kdistill.features import find_block_list
-from kdistill.models.birnn import BIRNN_MODEL_TYPE, CONFIG_FILE, BiRNNClassifier, BiRNNConfig
+from kdistill.models.birnn import BiRNNClassifier, BiRNNConfig
+from kdistill.models.loading import load_model
 
 STUDENT_KINDS: tuple[str, ...] = ("from_teacher", "shrink", "bilstm", "bigru", "pretrained")
 # task name → the transformers Auto class a "pretrained" student is loaded with
@@ -399,20 +399,14 @@ def _build_birnn(
 
 
 def _load_pretrained(path: str | Path | None, task: str, num_labels: int | None) -> nn.Module:
-    import transformers
+    """A saved model (Hugging Face, or a kdistill BiRNN) through the one loader (:mod:`kdistill.models.loading`)."""
+    import transformers  # imported when a pretrained student is asked for
 
     if path is None:
         raise InvalidArgumentError("student kind 'pretrained' needs path (a directory saved with save_pretrained)")
-    directory = Path(path)
-    config_file = directory / CONFIG_FILE
-    if config_file.is_file():
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-        if model_type == BIRNN_MODEL_TYPE:
-            return BiRNNClassifier.from_pretrained(directory)
     if task not in AUTO_CLASSES:
         raise UnknownNameError(
             f"unknown task {task!r} for a pretrained student; known tasks: {', '.join(AUTO_CLASSES)}"
         )
     auto_class = getattr(transformers, AUTO_CLASSES[task])
-    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-    return auto_class.from_pretrained(str(directory), **kwargs)
+    return load_model(str(path), auto_class, "path", num_labels=num_labels)

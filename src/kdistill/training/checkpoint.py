@@ -200,3 +200,63 @@ def load_checkpoint(
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())
+
+
+def save_model_atomically(
+    target_root: Path,
+    student: nn.Module,
+    distiller: Any,
+    info: dict[str, Any] | None,
+    student_subdir: str | None = None,
+) -> None:
+    """Save student (+ projections beside it) into ``target_root`` by writing a temp dir and renaming it in."""
+    if student_subdir is None:
+        tmp = target_root.with_name(f".tmp-{target_root.name}")
+        if tmp.exists():
+            _rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_student(student, tmp / "student")
+        projections = distiller.projections_state() if hasattr(distiller, "projections_state") else {}
+        if projections:
+            save_file(projections, str(tmp / "projections.safetensors"))
+        if info is not None:
+            (tmp / "info.json").write_text(json.dumps(info, indent=2))
+        replace_dir(tmp, target_root)
+        return
+    tmp_student = target_root / f".tmp-{student_subdir}"
+    if tmp_student.exists():
+        _rmtree(tmp_student)
+    save_student(student, tmp_student)
+    replace_dir(tmp_student, target_root / student_subdir)
+    projections = distiller.projections_state() if hasattr(distiller, "projections_state") else {}
+    if projections:
+        tmp_file = target_root / ".tmp-projections.safetensors"
+        save_file(projections, str(tmp_file))
+        tmp_file.replace(target_root / "projections.safetensors")
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def replace_dir(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, replacing it; a copy when ``source`` must stay (e.g. best/student)."""
+    if source.name.startswith(".tmp-"):
+        old = target.with_name(f".old-{target.name}")
+        if target.exists():
+            _rmtree(old)
+            os.replace(target, old)
+        os.replace(source, target)
+        _rmtree(old)
+        return
+    tmp = target.with_name(f".tmp-{target.name}")
+    _rmtree(tmp)
+    shutil.copytree(source, tmp)
+    replace_dir(tmp, target)
+
+
+def copy_atomically(source: Path, target: Path) -> None:
+    """Copy the file ``source`` to ``target`` through a temporary file renamed into place."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)

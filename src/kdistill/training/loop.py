@@ -31,10 +31,12 @@ from kdistill.data import PadCollator
 from kdistill.distillers.objective import normalized_loss
 from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.training.checkpoint import (
+    copy_atomically,
     latest_checkpoint,
     load_checkpoint,
+    replace_dir,
     save_checkpoint,
-    save_student,
+    save_model_atomically,
 )
 
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
@@ -322,7 +324,7 @@ def train(
         if improved:
             state.update(best_metric=value, best_step=state["step"], bad_evals=0)
             if is_main:
-                _save_atomically(
+                save_model_atomically(
                     output_dir / "best", unwrapped.student, distiller, {"step": state["step"], key: value}
                 )
         else:
@@ -416,12 +418,12 @@ def train(
     if is_main:
         best_dir = output_dir / "best"
         if cfg.load_best_at_end and cfg.metric_for_best and (best_dir / "student").is_dir():
-            _replace_dir(best_dir / "student", student_dir)
+            replace_dir(best_dir / "student", student_dir)
             best_proj = best_dir / "projections.safetensors"
             if best_proj.is_file():
-                _copy_atomically(best_proj, output_dir / "projections.safetensors")
+                copy_atomically(best_proj, output_dir / "projections.safetensors")
         else:
-            _save_atomically(output_dir, unwrapped.student, distiller, None, student_subdir="student")
+            save_model_atomically(output_dir, unwrapped.student, distiller, None, student_subdir="student")
         summary = {
             "global_step": state["step"],
             "best_metric": state["best_metric"],
@@ -459,71 +461,3 @@ def _reduce_logs(logs: dict[str, float], accelerator: Any) -> dict[str, float]:
     tensor = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     tensor = accelerator.reduce(tensor, reduction="sum")
     return dict(zip(keys, tensor.tolist(), strict=True))
-
-
-def _save_atomically(
-    target_root: Path,
-    student: nn.Module,
-    distiller: Any,
-    info: dict[str, Any] | None,
-    student_subdir: str | None = None,
-) -> None:
-    """Save student (+ projections beside it) into ``target_root`` by writing a temp dir and renaming it in."""
-    from safetensors.torch import save_file
-
-    if student_subdir is None:
-        tmp = target_root.with_name(f".tmp-{target_root.name}")
-        if tmp.exists():
-            _rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_student(student, tmp / "student")
-        projections = distiller.projections_state() if hasattr(distiller, "projections_state") else {}
-        if projections:
-            save_file(projections, str(tmp / "projections.safetensors"))
-        if info is not None:
-            (tmp / "info.json").write_text(json.dumps(info, indent=2))
-        _replace_dir(tmp, target_root)
-        return
-    tmp_student = target_root / f".tmp-{student_subdir}"
-    if tmp_student.exists():
-        _rmtree(tmp_student)
-    save_student(student, tmp_student)
-    _replace_dir(tmp_student, target_root / student_subdir)
-    projections = distiller.projections_state() if hasattr(distiller, "projections_state") else {}
-    if projections:
-        tmp_file = target_root / ".tmp-projections.safetensors"
-        save_file(projections, str(tmp_file))
-        tmp_file.replace(target_root / "projections.safetensors")
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing it; a copy when ``source`` must stay (e.g. best/student)."""
-    import os
-    import shutil
-
-    if source.name.startswith(".tmp-"):
-        old = target.with_name(f".old-{target.name}")
-        if target.exists():
-            _rmtree(old)
-            os.replace(target, old)
-        os.replace(source, target)
-        _rmtree(old)
-        return
-    tmp = target.with_name(f".tmp-{target.name}")
-    _rmtree(tmp)
-    shutil.copytree(source, tmp)
-    _replace_dir(tmp, target)
-
-
-def _copy_atomically(source: Path, target: Path) -> None:
-    import shutil
-
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
