@@ -33,6 +33,14 @@ import torch
 import yaml
 
 from _results import machine_line, write_section
+from kdistill.cli import main as cli_main
+from kdistill.config import load_config
+from kdistill.distillers import Distiller
+from kdistill.runs.cache_checks import cached_teacher_parts
+from kdistill.runs.demo import DEMO_YAML, STUDENTS, _merge
+from kdistill.runs.engine import make_training_config
+from kdistill.runs.parts import build_objective, build_parts
+from kdistill.training import train
 
 LLM_YAML = """
 task: causal_lm
@@ -60,8 +68,6 @@ def _shard_bytes(directory: Path) -> tuple[int, int]:
 
 
 def _cache_cli(config_path: Path, out: Path, *extra: str) -> float:
-    from kdistill.cli import main as cli_main
-
     started = time.perf_counter()
     code = cli_main(["cache", str(config_path), "--out", str(out), *extra])
     if code not in (0, None):
@@ -70,9 +76,6 @@ def _cache_cli(config_path: Path, out: Path, *extra: str) -> float:
 
 
 def _demo_config(train: int, teacher_cache: str | None = None) -> Any:
-    from kdistill.config import load_config
-    from kdistill.runs.demo import DEMO_YAML, STUDENTS, _merge
-
     data = _merge(yaml.safe_load(DEMO_YAML), STUDENTS["student-2l-distilled"])
     data["teacher"]["fine_tune"] = False  # speed does not depend on the weights' values; see the docstring
     data["data"]["limit"] = {"train": train, "validation": 8, "test": 8}  # not evaluated
@@ -85,16 +88,9 @@ def _demo_config(train: int, teacher_cache: str | None = None) -> Any:
 
 def _epoch_seconds(config: Any) -> float:
     """Wall time of one training epoch (``train`` only: parts are built and the distiller set up before)."""
-    from kdistill.distillers import Distiller
-    from kdistill.runs.engine import make_training_config
-    from kdistill.runs.parts import build_objective, build_parts
-    from kdistill.training import train
-
     parts = build_parts(config)
     examples, collate = parts.train_examples, parts.collate
     if config.distill.teacher_cache:
-        from kdistill.runs.cache_checks import cached_teacher_parts
-
         distiller, examples, collate = cached_teacher_parts(config, parts, build_objective(config, parts))
         parts.teacher = None
     else:

@@ -19,9 +19,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from _results import machine_line, write_section
-from kdistill.distillers import Distiller, Match, Objective
+from kdistill.distillers import Distiller, Match, Objective, normalized_loss
 from kdistill.losses import token_cross_entropy
-from kdistill.training.loop import _combine
 
 
 def bert(layers: int, hidden: int, heads: int, seed: int) -> BertForSequenceClassification:
@@ -69,7 +68,7 @@ def main() -> None:
 
     def distill_step() -> None:
         terms = distiller.compute_terms(module, batch, weights, 0, 1)
-        _combine(terms, weights, counts).backward()
+        normalized_loss(terms, weights, counts).backward()  # what the loop backpropagates
 
     cases = {"student": student_step, "teacher": teacher_forward, "distill": distill_step}
     times: dict[str, list[float]] = {name: [] for name in cases}
