@@ -75,9 +75,9 @@ def load_splits(
         if len(dataset) == 0:
             raise DataError(f"split {split!r} is empty")
     if split_ratios is not None:
-        dataset_dict = _split_by_ratios(dataset_dict, split_ratios, seed)
+        dataset_dict = split_by_ratios(dataset_dict, split_ratios, seed)
     if limit is not None:
-        dataset_dict = _apply_limits(dataset_dict, limit, seed)
+        dataset_dict = apply_limits(dataset_dict, limit, seed)
     return dataset_dict
 
 
@@ -148,7 +148,7 @@ def _load_file(split: str, path: Path) -> Any:
         raise DataError(f"could not read the file for split {split!r} ({path}) as {builder}: {cause}") from error
 
 
-def _split_by_ratios(dataset_dict: Any, ratios: Mapping[str, float], seed: int) -> Any:
+def split_by_ratios(dataset_dict: Any, ratios: Mapping[str, float], seed: int) -> Any:
     import datasets
 
     if len(dataset_dict) != 1:
@@ -186,7 +186,7 @@ def _largest_remainder(total: int, ratios: list[float]) -> list[int]:
     return sizes
 
 
-def _apply_limits(dataset_dict: Any, limit: Mapping[str, int], seed: int) -> Any:
+def apply_limits(dataset_dict: Any, limit: Mapping[str, int], seed: int) -> Any:
     import datasets
 
     out = dict(dataset_dict)

