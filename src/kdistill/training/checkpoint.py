@@ -9,6 +9,9 @@ Layout of ``<output_dir>/checkpoints/step-00000040/``::
     optimizer.pt scheduler.pt rng-<rank>.pt
     trainer_state.json        step, epoch, data position, best metric — written last
 
+The ``.pt`` files are read with ``torch.load(weights_only=True)`` and hold tensors, numbers and strings only, so a
+file planted in a checkpoint directory cannot run code on ``resume``.
+
 A directory only gets its ``step-*`` name by an atomic rename after everything in it is on disk, so a run killed
 mid-save leaves a ``.tmp-*`` directory that :func:`latest_checkpoint` ignores (and the next save removes).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -84,7 +88,13 @@ def _shared_parameter_names(model: nn.Module) -> dict[str, set[str]]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, numbers and strings only (loadable with ``weights_only=True``)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,10 +102,24 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_state(path: Path) -> Any:
+    """A ``.pt`` file of tensors, numbers and strings. ``weights_only=True``: a file that would build any other
+    object — code to run, planted in a checkpoint directory — is refused, and nothing in it is executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KdistillError(
+            f"checkpoint file {path} holds more than tensors and numbers, so it is not loaded (it could run code); "
+            f"delete that checkpoint or start the run again ({reason})"
+        ) from None
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -194,11 +218,11 @@ def load_checkpoint(
             module.load_state_dict({k[len(prefix) :]: v for k, v in saved.items() if k.startswith(prefix)})
     for name, module in (extras or {}).items():
         module.load_state_dict(load_file(str(path / f"extra-{name}.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+    scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
     rng_file = path / f"rng-{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_load_state(rng_file))
     return json.loads((path / STATE_FILE).read_text())
 
 
