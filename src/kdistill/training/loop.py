@@ -217,6 +217,9 @@ def train(
         sampler=sampler,
         collate_fn=collate_fn,
         drop_last=cfg.dataloader_drop_last,
+        # its own generator: starting an epoch's iterator (at a resume, mid-epoch) draws nothing from the global
+        # one, so the dropout masks after a resume are those of the uninterrupted run
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     sample_batch = collate_fn([train_data[i] for i in range(min(cfg.batch_size, len(train_data)))])
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
