@@ -15,6 +15,7 @@ WORDS = ["good", "great", "fine", "happy", "love", "bad", "awful", "sad", "hate"
          "food", "is", "was", "very", "not", "so", "john", "mary", "paris", "london", "lives", "in", "works", "at",
          "acme", "corp", "who", "where", "what", "does"]  # fmt: skip
 POSITIVE, NEGATIVE = WORDS[:5], WORDS[5:10]
+QUIET = "  log_with: []\n  progress: false\n"  # the end of a YAML training section: no trackers, no progress bar
 
 
 def write_tokenizer(directory: Path):

@@ -7,11 +7,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from cli_support import save_tiny_bert, sentiment_rows, write_conll, write_csv, write_squad, write_yaml
+from cli_support import QUIET, save_tiny_bert, sentiment_rows, write_conll, write_csv, write_squad, write_yaml
 
 from kdistill.cli import main
-
-QUIET = "  log_with: []\n  progress: false\n"
 
 
 @pytest.fixture(scope="module")

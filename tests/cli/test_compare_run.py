@@ -8,14 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import save_tiny_bert, sentiment_rows, write_csv, write_yaml
+from cli_support import QUIET, save_tiny_bert, sentiment_rows, write_csv, write_yaml
 
 from kdistill.cli import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lm"))
 from test_run import write_model, write_records
-
-QUIET = "  log_with: []\n  progress: false\n"
 
 
 @pytest.fixture(scope="module")

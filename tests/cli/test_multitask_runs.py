@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import save_tiny_bert, sentiment_rows, write_conll, write_csv, write_yaml
+from cli_support import QUIET, save_tiny_bert, sentiment_rows, write_conll, write_csv, write_yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer
 
 from kdistill.cli import main
-
-QUIET = "  log_with: []\n  progress: false\n"
 
 
 def _multitask_yaml(root: Path, tasks: str, name: str = "mt.yaml", out: str = "mt") -> Path:

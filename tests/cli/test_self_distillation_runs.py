@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_support import save_tiny_bert, sentiment_rows, write_csv, write_yaml
+from cli_support import QUIET, save_tiny_bert, sentiment_rows, write_csv, write_yaml
 from safetensors.torch import load_file
 
 from kdistill.cli import main
 from kdistill.distillers import Distiller
-
-QUIET = "  log_with: []\n  progress: false\n"
 
 
 @pytest.fixture(scope="module")

@@ -88,9 +88,6 @@ class TrainingConfig(Strict):
     backend: Literal["engine", "trainer"] | None = None
 
 
-TEACHER_KINDS = ("model", "ema", "self")
-
-
 class TeacherConfig(Strict):
     """The teacher: a model path or hub id, optionally fine-tuned on the task first (cached by its config); or the
     student itself (self-distillation): ``kind: ema``, an exponential moving average of the student's weights that

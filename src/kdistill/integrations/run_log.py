@@ -44,8 +44,7 @@ class RunLogCallback(TrainerCallback):
         self.tensorboard = tensorboard
         self._writer: Any = None
         self._last = (0, time.perf_counter())  # the step and time of the latest training record
-
-    samples_per_step = 1  # examples per optimizer step (set from the arguments at train begin)
+        self.samples_per_step = 1  # examples per optimizer step (set from the arguments at train begin)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -41,7 +41,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if config.teacher is None:
         raise InvalidArgumentError("the run has no teacher section: there is nothing to cache")
-    if config.teacher.path is None:  # teacher: ema | self
+    if not config.teacher.is_model:  # teacher: ema | self
         raise InvalidArgumentError(
             f"teacher: {config.teacher.kind} is the student itself, which changes as it trains: there is nothing to "
             "cache"

@@ -15,7 +15,7 @@ throughput, and with ``cka`` the layer CKA of each student's layers against the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,11 +201,6 @@ def _compare(
         batches, inputs = compare_batches(
             parts, teacher_tokenizer, {name: tok for name, _, _, tok in students}, split=split, limit=limit
         )
-    if causal:
-
-        def reduce_batch(heads: list[torch.Tensor], batch: dict[str, Any]) -> list[torch.Tensor]:
-            return [next_token_stats(heads[0], batch["labels"])]  # three numbers in place of (B, T, V) logits
-
     return compare_models(
         ModelEntry("teacher", teacher_model, teacher_path, role="teacher", inputs="teacher"),
         [ModelEntry(name, model, path, inputs=inputs[name]) for name, model, path, _ in students],
@@ -214,8 +209,13 @@ def _compare(
         task_metric=lambda logits, b: task.compute_metrics(logits, b, parts.splits[split]),
         cka_layers=_cka_pairs(teacher_model, students) if cka else None,
         vocab_policy=str(config.distill.kd_kwargs.get("vocab_policy", "error")),
-        reduce_batch=reduce_batch if causal else None,
+        reduce_batch=_next_token_stats if causal else None,
     )
+
+
+def _next_token_stats(heads: list[torch.Tensor], batch: Mapping[str, Any]) -> list[torch.Tensor]:
+    """A causal LM's batch kept as three numbers (NLL, correct, count) in place of its ``(B, T, V)`` logits."""
+    return [next_token_stats(heads[0], batch["labels"])]
 
 
 def _causal_batches(parts: RunParts, split: str, limit: int | None) -> list[dict[str, Any]]:
