@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from kdistill.errors import KdistillError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -37,3 +40,56 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def write_json_atomically(path: str | Path, payload: Any) -> Path:
     """Write ``payload`` as indented JSON to ``path`` atomically (values JSON cannot hold are written as text)."""
     return atomic_write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def keep_first_lines(path: str | Path, count: int) -> None:
+    """Cut the text file ``path`` to its first ``count`` complete lines, atomically (an absent file stays absent)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")[:-1]  # complete lines only: a torn last line is dropped
+    if len(lines) == count and data.endswith(b"\n"):
+        return
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in lines[:count]))
+
+
+def records_up_to_step(path: str | Path, step: int) -> int:
+    """How many of the first JSON-lines records of ``path`` have a ``step`` up to ``step`` (0 when absent)."""
+    path = Path(path)
+    count = 0
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").split("\n")[:-1]:
+            try:
+                if int(json.loads(line)["step"]) > step:
+                    break
+            except (ValueError, KeyError, TypeError):
+                break
+            count += 1
+    return count
+
+
+def read_utf8(path: Path, what: str, error: type[KdistillError] = KdistillError) -> str:
+    """The text of ``path``; a file that is not UTF-8 is ``error`` naming ``what``, the line and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as bad:
+        line = path.read_bytes()[: bad.start].count(b"\n") + 1
+        raise error(
+            f"{what} {path} line {line} is not UTF-8 (byte {bad.object[bad.start]:#04x}); save the file as UTF-8"
+        ) from None
+
+
+def iter_jsonl(path: Path, what: str, error: type[KdistillError] = KdistillError) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of the JSON-lines file ``path``; bad UTF-8, bad JSON or a
+    line that is no object is ``error`` naming ``what`` and the line."""
+    for number, line in enumerate(read_utf8(path, what, error).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as bad:
+            raise error(f"{what} {path} line {number} is not valid JSON ({bad.msg})") from None
+        if not isinstance(record, dict):
+            raise error(f"{what} {path} line {number} must be a JSON object, got {type(record).__name__}")
+        yield number, record

@@ -351,10 +351,10 @@ def test_load_sft_records_reads_jsonl_and_json_and_names_bad_lines(tmp_path: Pat
     assert load_sft_records(jsonl) == records
     assert load_sft_records(array) == records
     jsonl.write_text(json.dumps(ALPACA) + "\n" + json.dumps(CHAT) + "\n{broken\n", encoding="utf-8")
-    with pytest.raises(DataError, match="line 3: invalid JSON"):
+    with pytest.raises(DataError, match="line 3 is not valid JSON"):
         load_sft_records(jsonl)
     jsonl.write_text(json.dumps(ALPACA) + "\n[1, 2]\n", encoding="utf-8")
-    with pytest.raises(DataError, match="line 2: expected a JSON object"):
+    with pytest.raises(DataError, match="line 2 must be a JSON object"):
         load_sft_records(jsonl)
     with pytest.raises(DataError, match="not found"):
         load_sft_records(tmp_path / "missing.jsonl")

@@ -387,6 +387,53 @@ def test_other_parameters_are_refused_unless_overwrite(teacher_dir: Path, prompt
     assert json.loads(meta_path(out).read_text())["do_sample"] is True
 
 
+def test_a_sampled_resume_with_another_batch_size_is_refused(teacher_dir: Path, prompts_file: Path, tmp_path: Path):
+    out = tmp_path / "out.jsonl"
+    generate_dataset(prompts_file, out, HFTeacher(str(teacher_dir)), SAMPLED, batch_size=4, limit=2, progress=None)
+    first = out.read_bytes()
+    with pytest.raises(InvalidArgumentError, match=r"generated with batch_size=4, not 2"):
+        generate_dataset(prompts_file, out, HFTeacher(str(teacher_dir)), SAMPLED, batch_size=2, progress=None)
+    assert out.read_bytes() == first
+    greedy = tmp_path / "greedy.jsonl"  # greedy text does not depend on the batch's seed: any batch size resumes
+    generate_dataset(prompts_file, greedy, HFTeacher(str(teacher_dir)), GREEDY, batch_size=4, limit=2, progress=None)
+    result = generate_dataset(prompts_file, greedy, HFTeacher(str(teacher_dir)), GREEDY, batch_size=2, progress=None)
+    assert (result.skipped, result.lines_written) == (2, 4)
+
+
+def test_a_second_writer_of_one_out_is_refused_naming_the_holder(
+    teacher_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    lock = out.with_name("out.jsonl.lock")
+    code = (
+        "import time; from kdistill._lock import exclusive\n"
+        f"with exclusive({str(out)!r}, {str(lock)!r}):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        message = rf"out.jsonl is in use by another kdistill process \(pid {holder.pid}"
+        with pytest.raises(KdistillError, match=message):
+            generate_dataset(prompts_file, out, HFTeacher(str(teacher_dir)), GREEDY, progress=None)
+        assert not out.exists() and not meta_path(out).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = generate_dataset(prompts_file, out, HFTeacher(str(teacher_dir)), GREEDY, progress=None)  # stale: taken
+    assert result.lines_written == len(PROMPTS) and not lock.exists()
+
+
+def test_out_that_is_a_directory_or_prompts_not_utf8_are_refused(
+    teacher_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"--out .* is a directory; give the jsonl file"):
+        generate_dataset(prompts_file, tmp_path, HFTeacher(str(teacher_dir)), GREEDY, progress=None)
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(InvalidArgumentError, match=r"latin1.jsonl line 2 is not UTF-8 \(byte 0xe9\)"):
+        read_prompts(latin)
+
+
 def test_output_without_meta_or_with_foreign_lines_is_refused(
     teacher_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:

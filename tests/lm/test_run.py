@@ -43,8 +43,8 @@ def write_records(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture
-def lm_run(tmp_path: Path) -> dict:
+def lm_run_config(tmp_path: Path) -> dict:
+    """A small distillation run of a 2-layer cut of a tiny Llama, on 24 chat records (the tests change it)."""
     teacher = write_model(tmp_path / "teacher")
     return {
         "task": "causal_lm",
@@ -61,6 +61,11 @@ def lm_run(tmp_path: Path) -> dict:
         "training": {"max_steps": 8, "batch_size": 4, "learning_rate": 3e-3, "log_with": [], "progress": False},
         "output_dir": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture
+def lm_run(tmp_path: Path) -> dict:
+    return lm_run_config(tmp_path)
 
 
 def test_a_causal_lm_run_writes_a_loadable_student_and_its_scores(lm_run: dict) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kdistill._io import iter_jsonl
 from kdistill.data.loading import DataError
 from kdistill.data.packaged import MissingPackageError
 from kdistill.errors import UnknownNameError
@@ -124,17 +125,7 @@ def load_sft_records(path: str | Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     records: list[dict[str, Any]] = []
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {number}: invalid JSON ({error.msg})") from error
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-                records.append(record)
+        records.extend(record for _, record in iter_jsonl(path, "SFT records file", DataError))
     elif suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))

@@ -14,7 +14,8 @@ Generation is resumable and safe to kill: each batch is appended with one ``writ
 pairs already written; a batch is always formed from the same prompts and seeded with ``seed + batch_index``, so a
 partly written batch is generated again in full and only its missing lines are appended: with a deterministic
 teacher the resumed file equals an uninterrupted run's line for line. ``D.jsonl.meta.json`` records the teacher and
-the sampling parameters; a rerun with different ones is refused (``overwrite=True`` starts the file over).
+the sampling parameters and the batch size; a rerun with different ones is refused (``overwrite=True`` starts the
+file over). One process writes a file at a time: ``D.jsonl.lock`` names it, and a second one is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kdistill._io import write_json_atomically
+from kdistill._lock import exclusive
 from kdistill.errors import InvalidArgumentError
 from kdistill.generation.prompts import GenerationParams, Prompt, id_key, read_prompts
 from kdistill.generation.teachers import Teacher
@@ -49,6 +51,7 @@ COMPARED_META_FIELDS = (
     "num_samples",
     "system_prompt",
     "prompt_field",
+    "batch_size",  # when sampling: batch b is seeded with seed + b, so another batch size gives other samples
 )
 
 
@@ -70,6 +73,8 @@ def _check_meta(out_path: Path, meta: dict[str, Any], overwrite: bool) -> None:
         except json.JSONDecodeError:
             raise InvalidArgumentError(f"{meta_file} is not valid JSON; pass --overwrite to start over") from None
         for field in COMPARED_META_FIELDS:
+            if field == "batch_size" and not meta.get("do_sample"):
+                continue  # greedy text does not depend on the seeds (left padding keeps it, tested)
             if existing.get(field) != meta.get(field):
                 raise InvalidArgumentError(
                     f"{out_path} was generated with {field}={existing.get(field)!r}, not {meta.get(field)!r}; "
@@ -187,6 +192,28 @@ def generate_dataset(
         "batch_size": batch_size,
         "prompts": str(prompts_path),
     }
+    if out_path.is_dir():
+        raise InvalidArgumentError(
+            f"--out {out_path} is a directory; give the jsonl file to write, such as {out_path}/data.jsonl"
+        )
+    for parent in out_path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise InvalidArgumentError(f"--out {out_path} is under {parent}, which is a file")
+    with exclusive(out_path, out_path.with_name(out_path.name + ".lock")):
+        return _generate_locked(prompts, out_path, teacher, params, meta, batch_size, overwrite, progress)
+
+
+def _generate_locked(
+    prompts: list[Prompt],
+    out_path: Path,
+    teacher: Teacher,
+    params: GenerationParams,
+    meta: dict[str, Any],
+    batch_size: int,
+    overwrite: bool,
+    progress: ProgressFn | None,
+) -> GenerateResult:
+    """:func:`generate_dataset`'s work, while this process holds the lock on ``out_path``."""
     _check_meta(out_path, meta, overwrite)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(meta_path(out_path), meta)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kdistill._io import iter_jsonl
 from kdistill.errors import InvalidArgumentError
 
 Message = dict[str, str]
@@ -136,30 +137,21 @@ def read_prompts(
         raise InvalidArgumentError(f"limit must be >= 1, got {limit}")
     prompts: list[Prompt] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if limit is not None and len(prompts) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InvalidArgumentError(f"{where} is not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise InvalidArgumentError(f"{where} must be a JSON object, got {type(record).__name__}")
-            messages = _record_messages(record, _pick_field(record, prompt_field, where), where)
-            if system_prompt and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": system_prompt})
-            record_id = record.get("id", number)
-            if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
-                raise InvalidArgumentError(f"{where}: 'id' must be a string or an integer, got {record_id!r}")
-            key = id_key(record_id)
-            if key in seen:
-                raise InvalidArgumentError(f"{where}: id {record_id!r} was already used on line {seen[key]}")
-            seen[key] = number
-            prompts.append(Prompt(record_id, messages, number))
+    for number, record in iter_jsonl(path, "prompts file", InvalidArgumentError):
+        if limit is not None and len(prompts) >= limit:
+            break
+        where = f"{path} line {number}"
+        messages = _record_messages(record, _pick_field(record, prompt_field, where), where)
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        record_id = record.get("id", number)
+        if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+            raise InvalidArgumentError(f"{where}: 'id' must be a string or an integer, got {record_id!r}")
+        key = id_key(record_id)
+        if key in seen:
+            raise InvalidArgumentError(f"{where}: id {record_id!r} was already used on line {seen[key]}")
+        seen[key] = number
+        prompts.append(Prompt(record_id, messages, number))
     if not prompts:
         raise InvalidArgumentError(f"prompts file {path} holds no prompts")
     return prompts

@@ -25,6 +25,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from kdistill._io import keep_first_lines, records_up_to_step
 from kdistill.distillers.objective import Objective
 from kdistill.integrations.trainer import DistillationTrainer
 
@@ -51,6 +52,9 @@ class RunLogCallback(TrainerCallback):
     ) -> None:
         self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self._last = (state.global_step, time.perf_counter())
+        if state.is_world_process_zero:  # a resume keeps the records up to its checkpoint; a fresh run starts anew
+            log_file = self.run_dir / "metrics.jsonl"
+            keep_first_lines(log_file, records_up_to_step(log_file, state.global_step))
 
     def on_log(
         self,

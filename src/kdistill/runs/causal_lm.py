@@ -64,10 +64,11 @@ from kdistill.runs.causal_lm_parts import (
 )
 from kdistill.runs.engine import Collate, make_training_config
 from kdistill.runs.parts import RunParts, build_objective, teacher_distiller
-from kdistill.runs.records import RunResult, check_output_dir, recorded_run
+from kdistill.runs.records import RunResult, check_output_dir, is_main_process, recorded_run
 from kdistill.schedules import TEMPERATURE_SCHEDULES
 from kdistill.tasks.causal_lm import CausalLMView
 from kdistill.training import train
+from kdistill.training.checkpoint import latest_trainer_checkpoint
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -342,17 +343,19 @@ def _run_on_trainer(
     )
     use_run_log(trainer, out, tensorboard="tensorboard" in config.training.log_with, progress=config.training.progress)
     with recorded_run(out, config, start) as record:
-        resume = config.resume and any((out / "trainer").glob("checkpoint-*"))
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        checkpoint = latest_trainer_checkpoint(out / "trainer") if config.resume else None
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         student_dir = out / "student"
         model = trainer.model
         if config.student.lora is not None:  # the adapter beside a plain, merged student that from_pretrained loads
             trainer.save_model(str(out / "student_adapter"))
             model = model.merge_and_unload()
-            model.save_pretrained(student_dir)
+            if is_main_process():
+                model.save_pretrained(student_dir)
         else:
             trainer.save_model(str(student_dir))
-        tokenizer.save_pretrained(student_dir)
+        if is_main_process():
+            tokenizer.save_pretrained(student_dir)
         metrics = _write_eval(config, parts, model, not_measured, with_teacher=not cross)
     return RunResult(out, student_dir, metrics, record["seconds"])
 
@@ -420,5 +423,6 @@ def _write_eval(
     written: dict[str, Any] = dict(metrics)
     if not_measured is not None:
         written["not_measured"] = not_measured
-    write_json_atomically(Path(config.output_dir) / "eval.json", written)
+    if is_main_process():
+        write_json_atomically(Path(config.output_dir) / "eval.json", written)
     return metrics

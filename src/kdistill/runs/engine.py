@@ -19,7 +19,7 @@ from torch import nn
 from kdistill._io import write_json_atomically
 from kdistill.config import RunConfig
 from kdistill.distillers import Distiller
-from kdistill.runs.records import RunResult, recorded_run
+from kdistill.runs.records import RunResult, is_main_process, recorded_run
 from kdistill.training import TrainConfig, train
 
 if TYPE_CHECKING:
@@ -78,9 +78,11 @@ def train_and_evaluate(
         eval_fn = (lambda model: evaluate(model, "validation")) if "validation" in eval_splits else None
         train(distiller, train_examples, make_training_config(config), collate_fn=collate, eval_fn=eval_fn)
         student_dir = out / "student"
-        tokenizer.save_pretrained(student_dir)
+        if is_main_process():
+            tokenizer.save_pretrained(student_dir)
         metrics: dict[str, float] = {}
         for split in eval_splits:
             metrics.update({f"{split}/{k}": v for k, v in evaluate(trained, split).items()})
-        write_json_atomically(out / "eval.json", metrics)
+        if is_main_process():
+            write_json_atomically(out / "eval.json", metrics)
     return RunResult(out, student_dir, metrics, record["seconds"])

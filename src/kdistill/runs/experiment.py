@@ -53,7 +53,7 @@ from kdistill.config.loader import read_yaml_mapping
 from kdistill.errors import KdistillError
 from kdistill.losses import LOSSES
 from kdistill.runs.experiment_table import ComparisonPaths, format_cell, is_number, write_comparison
-from kdistill.runs.records import run_status
+from kdistill.runs.records import config_difference, run_status
 from kdistill.runs.run import run
 from kdistill.schedules import make_schedule, make_temperature_schedule
 
@@ -262,41 +262,12 @@ def plan_grid(grid: Grid) -> list[tuple[Variant, Action]]:
                                   f"choose another output_dir")  # fmt: skip
             plan.append((variant, "run"))
             continue
-        difference = _config_difference(directory, variant.config)
+        difference = config_difference(directory, variant.config.model_dump(mode="json"))
         if difference is not None:
             raise ConfigError(f"variant {variant.name!r}: {directory} holds a {status} run of a different config "
                               f"({difference}); remove it to run this variant again")  # fmt: skip
         plan.append((variant, "skip" if status == "complete" else "resume"))
     return plan
-
-
-def _config_difference(directory: Path, config: RunConfig) -> str | None:
-    """None when ``directory/config.yaml`` is ``config`` (``resume`` aside), else the first differing key."""
-    file = directory / "config.yaml"
-    if not file.is_file():
-        return "it has no config.yaml"
-    try:
-        saved = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError:
-        return "its config.yaml is not valid YAML"
-    now = config.model_dump(mode="json")
-    if not isinstance(saved, dict):
-        return "its config.yaml holds no mapping"
-    saved.pop("resume", None)
-    now.pop("resume", None)
-    return _first_difference(saved, now, "")
-
-
-def _first_difference(saved: Any, now: Any, prefix: str) -> str | None:
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for key in [*now, *(k for k in saved if k not in now)]:
-            found = _first_difference(saved.get(key), now.get(key), f"{prefix}{key}.")
-            if found is not None:
-                return found
-        return None
-    if saved != now:
-        return f"{prefix.rstrip('.')}: {saved!r} there, {now!r} now"
-    return None
 
 
 def run_grid(grid: Grid, *, log: Callable[[str], None] | None = None) -> list[VariantResult]:

@@ -21,7 +21,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from kdistill._io import write_json_atomically
@@ -32,7 +31,7 @@ from kdistill.errors import KdistillError
 from kdistill.runs.data import EVAL_SPLITS
 from kdistill.runs.engine import make_training_config
 from kdistill.runs.parts import RunParts, build_objective, build_parts, evaluate, teacher_distiller
-from kdistill.runs.records import RunResult, run_status
+from kdistill.runs.records import RunResult, check_run_dir, is_main_process, run_records
 from kdistill.tasks.base import tokenizers_differ
 from kdistill.training import train
 
@@ -43,7 +42,8 @@ def run_multitask(config: MultiTaskConfig) -> RunResult:
     """Carry out a multi-task run; see the module docstring for what it writes."""
     start = time.perf_counter()
     out = Path(config.output_dir)
-    _check_output_dir(out, config.resume)
+    data = config.model_dump(mode="json")
+    check_run_dir(out, resume=config.resume, config=data)
     parts = {spec.name: build_parts(config.task_config(index)) for index, spec in enumerate(config.tasks)}
     _share_body(parts)
     distillers: dict[str, Distiller] = {}
@@ -69,35 +69,21 @@ def run_multitask(config: MultiTaskConfig) -> RunResult:
         make_training_config(first.model_copy(update={"output_dir": str(out), "resume": config.resume})),
         batch_size=1,  # an item of TaskBatches is a whole batch of one task
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(out / "run.json", {"status": "running", "mode": "multitask", "started": time.time()})
-    (out / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    try:
+    with run_records(out, mode="multitask", config=data, resume=config.resume, start=start) as record:
         train(distiller, batches, train_config, collate_fn=TaskBatches.collate, eval_fn=_eval_fn(parts))
         metrics: dict[str, float] = {}
         for name, part in parts.items():
             assert part.student is not None
-            part.student.save_pretrained(out / "student" / name, safe_serialization=True)
-            part.student_tokenizer.save_pretrained(out / "student" / name)
+            if is_main_process():
+                part.student.save_pretrained(out / "student" / name, safe_serialization=True)
+                part.student_tokenizer.save_pretrained(out / "student" / name)
             for split in EVAL_SPLITS:
                 if part.has_split(split):
                     scores = evaluate(part, part.student, split=split)
                     metrics.update({f"{name}/{split}/{key}": value for key, value in scores.items()})
-        write_json_atomically(out / "eval.json", metrics)
-    except BaseException as error:
-        write_json_atomically(out / "run.json", {"status": "failed", "mode": "multitask", "error": str(error)})
-        raise
-    seconds = time.perf_counter() - start
-    write_json_atomically(out / "run.json", {"status": "complete", "mode": "multitask", "seconds": seconds})
-    return RunResult(out, out / "student", metrics, seconds)
-
-
-def _check_output_dir(out: Path, resume: bool) -> None:
-    status = run_status(out)
-    if status == "complete" and not resume:
-        raise KdistillError(f"output_dir {out} already holds a complete run; choose another output_dir")
-    if out.exists() and (not out.is_dir() or (status is None and any(out.iterdir()))) and not resume:
-        raise KdistillError(f"output_dir {out} exists and is not an empty directory; choose another output_dir")
+        if is_main_process():
+            write_json_atomically(out / "eval.json", metrics)
+    return RunResult(out, out / "student", metrics, record["seconds"])
 
 
 def _share_body(parts: dict[str, RunParts]) -> None:

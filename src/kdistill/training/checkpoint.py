@@ -35,6 +35,7 @@ from torch import nn
 from kdistill.errors import KdistillError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 
 
@@ -133,6 +134,23 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
         if match and path.is_dir() and (path / STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def latest_trainer_checkpoint(trainer_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` of a Hugging Face ``Trainer`` under ``trainer_dir``, or None.
+
+    The Trainer writes ``trainer_state.json`` last, so a checkpoint without it (a run killed while saving) is
+    incomplete and skipped: resuming from it would fail.
+    """
+    root = Path(trainer_dir)
+    if not root.is_dir():
+        return None
+    found = []
+    for path in root.iterdir():
+        match = _TRAINER_DIR.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

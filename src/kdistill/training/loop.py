@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from kdistill._io import keep_first_lines, records_up_to_step
 from kdistill.data import PadCollator
 from kdistill.distillers.objective import normalized_loss
 from kdistill.errors import InvalidArgumentError, KdistillError
@@ -244,6 +245,7 @@ def train(
         "best_step": None,
         "bad_evals": 0,
         "total_steps": total_steps,
+        "logged": 0,  # records in metrics.jsonl: a resume keeps these and drops those written after the checkpoint
     }
     unwrapped = accelerator.unwrap_model(module)
     extras = {"ema_teacher": distiller.teachers[0]} if getattr(distiller, "teacher_mode", "") == "ema" else {}
@@ -272,6 +274,9 @@ def train(
             "tensorboard", config={k: v for k, v in asdict(cfg).items() if isinstance(v, (int, float, str, bool))}
         )
     metrics_file = output_dir / "metrics.jsonl"
+    if is_main:  # the records up to the checkpoint resumed from (none on a fresh start) are the log's beginning
+        state.setdefault("logged", records_up_to_step(metrics_file, state["step"]))  # a checkpoint that did not count
+        keep_first_lines(metrics_file, state["logged"])
     history: list[dict[str, Any]] = []
     world = accelerator.num_processes
     progress = None
@@ -283,6 +288,7 @@ def train(
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
+        state["logged"] = int(state.get("logged", 0)) + 1
         if is_main:
             with open(metrics_file, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
