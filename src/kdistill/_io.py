@@ -23,6 +23,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes the file 0600; a written file honours the umask
         with os.fdopen(handle, "wb") as file:
             file.write(data)
         os.replace(tmp_name, path)
@@ -30,6 +31,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -93,3 +100,14 @@ def iter_jsonl(path: Path, what: str, error: type[KdistillError] = KdistillError
         if not isinstance(record, dict):
             raise error(f"{what} {path} line {number} must be a JSON object, got {type(record).__name__}")
         yield number, record
+
+
+def check_dir_target(out: str | Path, what: str) -> Path:
+    """``out`` as a directory to write into, or :class:`KdistillError` when it is a file or lies under one (named
+    as ``what``, the option or field that gave it), before any work is done."""
+    out = Path(out)
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == out else f"is under {path}, which is a file"
+            raise KdistillError(f"{what} {out} {where}; it must be a directory")
+    return out

@@ -76,7 +76,7 @@ def test_compare_refuses_in_one_line_what_it_cannot_compare(sentiment_runs, tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("keep me")
     cases = [
-        (["compare", str(runs["distill"]), "--out", str(blocker / "sub")], "is a file, not a directory"),
+        (["compare", str(runs["distill"]), "--out", str(blocker / "sub")], "which is a file; it must be a directory"),
         (["compare"], "name a run directory"),
         (["compare", str(tmp_path)], "is not a run directory"),
         (["compare", "--data", str(runs["distill"]), "--teacher", str(runs["distill"])], "at least one --student"),
@@ -153,3 +153,22 @@ output_dir: {tmp_path / "sft"}
     rows = json.loads((run / "compare.json").read_text())["models"]
     assert [row["name"] for row in rows] == ["teacher", "sft"]
     assert rows[1]["params"] == rows[0]["params"]  # the student started as the teacher itself
+
+
+def test_the_fine_tuned_teachers_scores_are_printed_when_it_is_trained_and_when_it_is_reused(
+    sentiment_runs, tmp_path, capsys
+):
+    root, _ = sentiment_runs
+    text = (root / "distill.yaml").read_text().replace(str(root / "teachers"), str(tmp_path / "teachers"))
+    config = write_yaml(tmp_path / "run.yaml", text)
+    capsys.readouterr()
+    assert main(["train", str(config), f"output_dir={tmp_path / 'first'}"]) == 0
+    printed = capsys.readouterr().out
+    (cache,) = [path for path in (tmp_path / "teachers").iterdir() if (path / "eval.json").is_file()]
+    accuracy = json.loads((cache / "eval.json").read_text())["validation/accuracy"]
+    assert f"fine-tuned teacher: validation/accuracy {accuracy:.4f}" in printed
+    assert main(["train", str(config), f"output_dir={tmp_path / 'second'}"]) == 0
+    assert (
+        f"using the fine-tuned teacher cached in {cache} (validation/accuracy {accuracy:.4f}"
+        in capsys.readouterr().out
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -10,7 +11,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdistill.errors import InvalidArgumentError
-from kdistill.eval.speed import count_parameters, measure_latency, measure_throughput, prepare_inputs, size_on_disk
+from kdistill.eval.speed import (
+    count_parameters,
+    cpu_contention,
+    measure_latencies,
+    measure_latency,
+    measure_throughput,
+    prepare_inputs,
+    ratio_spread,
+    size_on_disk,
+)
 
 
 class SleepyModel(nn.Module):
@@ -122,3 +132,44 @@ def test_size_on_disk_of_a_model_state_is_its_safetensors_file(tmp_path):
     assert 160 < tied < 160 + 512  # the shared (10, 4) tensor is stored once
     save_model(Tied(), str(tmp_path / "tied.safetensors"))
     assert len(load_file(str(tmp_path / "tied.safetensors"))) == 1
+
+
+class OrderedModel(SleepyModel):
+    """A SleepyModel that also writes its name into a shared log at each forward."""
+
+    def __init__(self, name: str, log: list[str], delay: float) -> None:
+        super().__init__(delay)
+        self.name, self.log = name, log
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self.log.append(self.name)
+        return super().forward(input_ids, attention_mask)
+
+
+def test_measure_latencies_interleaves_rotating_rounds_and_reports_the_spread():
+    log: list[str] = []
+    slow, fast = OrderedModel("slow", log, 0.004), OrderedModel("fast", log, 0.001)
+    stats, rounds = measure_latencies(
+        {"slow": (slow, _batch()), "fast": (fast, _batch())}, warmup=1, min_repeats=6, max_repeats=8, budget_s=0.0
+    )
+    assert len(rounds) == 6 and stats["slow"]["repeats"] == 6.0  # the budget spent: the minimum
+    timed = log[2:]  # after one warm-up forward each
+    assert timed[:4] == ["slow", "fast", "fast", "slow"]  # each round one forward of each, the order rotating
+    assert all(not call["grad"] and not call["training"] for call in slow.calls)
+    assert stats["slow"]["p50_ms"] > stats["fast"]["p50_ms"] and stats["slow"]["iqr_pct"] >= 0.0
+    spread = ratio_spread(rounds, "slow", "fast")
+    assert spread["p25"] <= spread["p50"] <= spread["p75"]
+    assert 1.5 < spread["p50"] < 10  # 4 ms against 1 ms, measured on each round's own pair
+    stats, rounds = measure_latencies({"a": (fast, _batch())}, warmup=0, min_repeats=2, max_repeats=5, budget_s=60)
+    assert len(rounds) == 5  # within the budget: up to max_repeats
+    with pytest.raises(InvalidArgumentError, match="max_repeats must be an integer >= 3"):
+        measure_latencies({"a": (fast, _batch())}, min_repeats=3, max_repeats=2)
+
+
+def test_a_busy_cpu_is_named_in_a_warning(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 4.0, 3.0))
+    assert "load 5.0 on 2 cores" in cpu_contention()
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))  # this process's own two threads
+    assert cpu_contention() is None

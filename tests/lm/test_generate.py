@@ -268,7 +268,7 @@ def test_gguf_file_is_loaded_as_float32(monkeypatch, tmp_path: Path, prompts_fil
 
 
 def test_missing_teacher_is_a_kdistill_error(tmp_path: Path, prompts_file: Path) -> None:
-    with pytest.raises(KdistillError, match=r"teacher: cannot load .*no-such-dir"):
+    with pytest.raises(KdistillError, match=r"teacher .*no-such-dir does not exist \(no such directory here"):
         generate_dataset(prompts_file, tmp_path / "o.jsonl", HFTeacher(str(tmp_path / "no-such-dir")), progress=None)
 
 

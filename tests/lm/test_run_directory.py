@@ -139,7 +139,7 @@ def test_a_lock_from_another_host_is_refused(lm_run: dict) -> None:
 
 @pytest.mark.parametrize(
     ("where", "message"),
-    [("file", "is a file; output_dir must be a directory"), ("under_file", r"is under .*, which is a file")],
+    [("file", "is a file; it must be a directory"), ("under_file", r"is under .*, which is a file")],
 )
 def test_an_output_dir_that_is_or_sits_under_a_file_is_refused(lm_run: dict, tmp_path: Path, where, message):
     blocker = tmp_path / "blocker"

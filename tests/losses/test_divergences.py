@@ -474,3 +474,18 @@ def test_per_position_temperature_tensor(name):
         fn(student, teacher, temperature=torch.ones(4), **kwargs)
     with pytest.raises(InvalidArgumentError, match="temperature tensor must hold"):
         fn(student, teacher, temperature=torch.zeros(3, 4), **kwargs)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "kd_ce"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_a_counted_row_of_all_minus_inf_is_an_error_naming_it(name: str, side: str) -> None:
+    from kdistill.losses import LOSSES
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 4, 6, generator=generator), torch.randn(2, 4, 6, generator=generator)
+    (student if side == "student" else teacher)[1, 2] = float("-inf")
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(InvalidArgumentError, match=rf"{side}_logits at position \(1, 2\) .* are -inf everywhere"):
+        LOSSES.get(name)(student, teacher, mask)
+    mask[1, 2] = False  # masked out, the row is not counted: a finite loss
+    assert torch.isfinite(LOSSES.get(name)(student, teacher, mask))

@@ -61,7 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run the subcommand and return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug may come anywhere on the line (before or after the subcommand and its arguments)
+    debug = "--debug" in argv
+    argv = [item for item in argv if item != "--debug"]
+    args, extra = parser.parse_known_args(argv)
+    args.debug = debug
+    # key=value overrides may come after the subcommand's options too (`train RUN.yaml --x 1 a.b=2`)
+    stray = [item for item in extra if "=" in item and not item.startswith("-")]
+    if stray and isinstance(getattr(args, "overrides", None), list):
+        args.overrides.extend(stray)
+    elif stray and isinstance(getattr(args, "targets", None), list):  # compare: overrides among its targets
+        args.targets.extend(stray)
+    else:
+        stray = []
+    unknown = [item for item in extra if item not in stray]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 2

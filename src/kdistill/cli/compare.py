@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -42,8 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """Compare, print the table and write ``compare.json``/``compare.md``; 0 on success."""
     # imported here so that `kdistill --help` does not import torch
+    from kdistill._io import check_dir_target
     from kdistill.errors import InvalidArgumentError
-    from kdistill.eval.compare import format_compare_table, write_compare
+    from kdistill.eval.compare import compare_warnings, format_compare_table, write_compare
     from kdistill.runs.compare import compare_run, compare_targets
 
     overrides = [item for item in args.targets if "=" in item]
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                 "--student, --data)"
             )
         out = Path(args.out or targets[0])
-        _check_out(out)
+        check_dir_target(out, "--out")
         result = compare_run(
             targets[0],
             [*targets[1:], *args.student],
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--data compares --teacher with at least one --student; give both")
         out = Path(args.out) if args.out else None
         if out is not None:
-            _check_out(out)
+            check_dir_target(out, "--out")
         result = compare_targets(
             args.teacher,
             students,
@@ -84,16 +86,9 @@ def run(args: argparse.Namespace) -> int:
             overrides=overrides,
         )
     print(format_compare_table(result))
+    for warning in compare_warnings(result):
+        print(f"warning: {warning}", file=sys.stderr)
     if out is not None:
         write_compare(result, out)
         print(f"written to {out}/compare.json and compare.md")
     return 0
-
-
-def _check_out(out: Path) -> None:
-    """Refuse, before any work, an output directory that is a file or lies under one."""
-    from kdistill.errors import InvalidArgumentError
-
-    for path in (out, *out.parents):
-        if path.exists() and not path.is_dir():
-            raise InvalidArgumentError(f"--out {out}: {path} is a file, not a directory")

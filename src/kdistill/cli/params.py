@@ -17,10 +17,13 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def run(args: argparse.Namespace) -> int:
     """Load the model (a run directory's student) and print its tree to ``--depth``; 0 on success."""
     # imported here so that `kdistill --help` does not import torch
+    from kdistill.errors import InvalidArgumentError
     from kdistill.models.loading import load_any_model
     from kdistill.models.params import format_parameter_tree, parameter_tree
     from kdistill.runs.targets import model_dir
 
+    if args.depth < 0:
+        raise InvalidArgumentError(f"--depth must be >= 0 (0: the whole model, 1: its children), got {args.depth}")
     model = load_any_model(model_dir(args.model))
     print(format_parameter_tree(parameter_tree(model, args.depth)))
     return 0

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     from kdistill.config.loader import read_yaml_mapping
     from kdistill.config.multitask import is_multitask, load_multitask_config
     from kdistill.runs.multitask import run_multitask
+    from kdistill.runs.records import is_main_process
     from kdistill.runs.run import run as run_config
 
     data = read_yaml_mapping(Path(args.config), "config file")
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides, data=data)
         result = run_config(config)
         mode = config.mode
+    if not is_main_process():  # the other processes of a launch trained beside it; the main one reports
+        return 0
     print(f"{mode} run complete in {result.seconds:.0f} s: {result.output_dir}")
     width = max((len(key) for key in result.metrics), default=0) + 2
     for key, value in result.metrics.items():

@@ -5,6 +5,7 @@ Every section rejects unknown keys (with the closest valid name suggested by :mo
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
@@ -56,6 +57,12 @@ class DataConfig(Strict):
         return self
 
 
+# transformers' schedulers that need nothing beyond warm-up and total steps (reduce_lr_on_plateau needs a metric
+# each step, cosine_with_min_lr and warmup_stable_decay arguments the config has no place for)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "greedy")  # fmt: skip
+
+
 class TrainingConfig(Strict):
     """Mirrors :class:`kdistill.training.TrainConfig` (output_dir comes from the run)."""
 
@@ -86,6 +93,21 @@ class TrainingConfig(Strict):
     # what trains: "engine" (kdistill's accelerate loop) or "trainer" (DistillationTrainer, transformers.Trainer;
     # task causal_lm only); null: the task's default (trainer for causal_lm, engine for the others)
     backend: Literal["engine", "trainer"] | None = None
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        known = LR_SCHEDULERS
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown scheduler {value!r}; {hint}known: {', '.join(known)}")
+        return value
 
 
 class TeacherConfig(Strict):

@@ -112,6 +112,13 @@ class _PrefixedObjective:
             f"{t}/{n}": w for t, d in self.tasks.items() for n, w in d.objective.weights(step, total_steps).items()
         }
 
+    def check_schedules(self, total_steps: int) -> None:
+        for name, distiller in self.tasks.items():
+            try:
+                distiller.objective.check_schedules(total_steps)
+            except InvalidArgumentError as error:
+                raise InvalidArgumentError(f"task {name!r}: {error}") from None
+
 
 class MultiTaskDistiller:
     """Several tasks, each with its own :class:`Distiller` (teacher, student head, objective).

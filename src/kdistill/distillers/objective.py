@@ -13,6 +13,8 @@ so that accumulation and data parallelism give the same update as one large batc
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ import torch
 
 from kdistill.distillers.kd_terms import DenseKD, KDStrategy, Logits, Side
 from kdistill.errors import InvalidArgumentError, KdistillError, ShapeMismatchError
-from kdistill.losses import LOSSES
+from kdistill.losses import LOSSES, check_kd_kwargs
 from kdistill.schedules import Schedule, make_schedule, make_temperature_schedule
 
 #: What each loss's per-unit values are averaged over (see the loss docstrings for what "none" returns).
@@ -73,7 +75,18 @@ class Match:
             raise InvalidArgumentError(f"match projection {self.projection!r} is not one of {', '.join(PROJECTIONS)}")
         if self.projection != "none" and self.feature == "attention":
             raise InvalidArgumentError("attention maps have no hidden size to project; use projection: none")
-        LOSSES.entry(self.loss)  # unknown names fail here, with the known ones listed
+        loss = LOSSES.get(self.loss)  # unknown names fail here, with the known ones listed
+        required = [
+            p
+            for p in inspect.signature(loss).parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        if len(required) > 2:
+            raise InvalidArgumentError(
+                f"match loss {self.loss!r} takes {len(required)} features ({', '.join(p.name for p in required)}) "
+                "and a match holds one teacher and one student feature; call it in a term of your own, or choose "
+                "a loss of two features (hidden_mse, cosine, pkd, nst, attention_mse, attention_kl)"
+            )
         if self.name is None:
             self.name = f"{self.feature}:{self.teacher}->{self.student}"
 
@@ -179,6 +192,7 @@ class Objective:
         self.kd_loss_name = kd_loss if isinstance(kd_loss, str) else getattr(kd_loss, "__name__", "custom")
         self.kd_loss = LOSSES.resolve(kd_loss)
         self.kd_kwargs = dict(kd_kwargs or {})
+        check_kd_kwargs(kd_loss, self.kd_kwargs)
         self.t2_scaling = t2_scaling
         self.temperature = make_temperature_schedule(temperature)
         self.matches = list(matches)
@@ -234,6 +248,23 @@ class Objective:
                 return values
             start += length
         return values
+
+    def check_schedules(self, total_steps: int) -> None:
+        """Every weight and the temperature at each step of a run of ``total_steps`` (and at its end): weights
+        finite and >= 0, the temperature finite and > 0; else :class:`InvalidArgumentError` naming the term, the
+        value and the step. Run before training, so a schedule that goes wrong at step 4 fails before step 0."""
+        total = max(int(total_steps), 1)
+        for step in range(total + 1):
+            base = float(self.temperature.base(step, total))
+            if not math.isfinite(base) or base <= 0:
+                raise InvalidArgumentError(
+                    f"temperature: the schedule reaches {base} at step {step} of {total}; it must stay > 0"
+                )
+            for name, value in self.weights(step, total).items():
+                if not math.isfinite(value) or value < 0:
+                    raise InvalidArgumentError(
+                        f"{name} weight: the schedule reaches {value} at step {step} of {total}; it must stay >= 0"
+                    )
 
     def temperature_at(
         self, step: int, total_steps: int, student_logits: torch.Tensor, teacher_logits: torch.Tensor

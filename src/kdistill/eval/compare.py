@@ -38,15 +38,24 @@ from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval.cka import layer_cka
 from kdistill.eval.speed import (
     count_parameters,
+    cpu_contention,
     evaluating,
-    measure_latency,
+    measure_latencies,
     measure_throughput,
     prepare_inputs,
+    ratio_spread,
     size_on_disk,
 )
 from kdistill.losses import forward_kl
 
-__all__ = ["ModelEntry", "compare_markdown", "compare_models", "format_compare_table", "write_compare"]
+__all__ = [
+    "ModelEntry",
+    "compare_markdown",
+    "compare_models",
+    "compare_warnings",
+    "format_compare_table",
+    "write_compare",
+]
 
 TaskMetric = Callable[[list[list[torch.Tensor]], list[dict]], Mapping[str, float]]
 
@@ -214,6 +223,8 @@ def compare_models(
     latency_batch_size: int = 1,
     cka_layers: Mapping[str, Sequence[tuple[str, str]]] | None = None,
     latency_repeats: int = 20,
+    latency_max_repeats: int = 200,
+    latency_budget_s: float = 2.0,
     vocab_policy: str = "error",
     reduce_batch: Callable[[list[torch.Tensor], Mapping[str, Any]], list[torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
@@ -232,7 +243,9 @@ def compare_models(
             batch.
         latency_batch_size: examples in the default latency batch.
         cka_layers: student name → ``(teacher spec, student spec)`` pairs for :func:`~kdistill.eval.cka.layer_cka`.
-        latency_repeats: timed forwards per model (after 3 warm-up forwards).
+        latency_repeats: timed forwards per model at least (after 3 warm-up forwards); every model is timed in
+            the same interleaved rounds (:func:`~kdistill.eval.speed.measure_latencies`), adding rounds up to
+            ``latency_max_repeats`` while ``latency_budget_s`` seconds last.
         vocab_policy: passed to :func:`~kdistill.losses.forward_kl` when the vocabularies differ.
         reduce_batch: ``(heads, batch) -> heads`` applied to each batch's logits before ``task_metric`` keeps them
             (a causal LM's next-token statistics in place of its ``(B, T, V)`` logits); None keeps the logits.
@@ -241,7 +254,9 @@ def compare_models(
         A JSON-able dict (see the module docstring). ``agreement`` is the fraction of counted positions where
         the model's top-1 class equals the teacher's (averaged over heads); ``mean_kl`` is KL(p_T‖p_S) at
         temperature 1 in nats per counted position (averaged over heads); ``compression`` is teacher params /
-        params; ``speedup`` teacher p50 / p50; ``throughput`` examples per second over ``batches``.
+        params; ``speedup`` the median over the interleaved rounds of the teacher's time / the model's, with
+        ``speedup_iqr`` its interquartile range; ``latency_iqr_pct`` each model's spread; ``throughput`` examples per
+        second over ``batches``; ``warnings`` what makes the timings doubtful (a busy CPU, a large spread).
 
     Raises:
         InvalidArgumentError: no batches, repeated names, bad sizes, or a ``cka_layers`` name that is not a student.
@@ -283,12 +298,20 @@ def compare_models(
                 if task_metric is not None:
                     stored[entry.name].append(_reduced(reduce_batch, heads, batch))
 
+    # Speed: every model timed in the same rounds, interleaved, so load from elsewhere falls on all of them alike
+    warnings = [w for w in [cpu_contention()] if w]
+    latencies, rounds = measure_latencies(
+        {entry.name: (entry.model, entry.inputs_of(timing_batch, roles[entry.name])) for entry in entries},
+        min_repeats=latency_repeats,
+        max_repeats=max(latency_repeats, latency_max_repeats),
+        budget_s=latency_budget_s,
+    )
     rows: list[dict[str, Any]] = []
     for entry in entries:
         role = roles[entry.name]
         agreement, mean_kl = (1.0, 0.0) if entry is teacher else agreements[entry.name].result()
         metrics = dict(task_metric(stored.pop(entry.name), list(batches))) if task_metric is not None else {}
-        latency = measure_latency(entry.model, entry.inputs_of(timing_batch, role), repeats=latency_repeats)
+        latency = latencies[entry.name]
         throughput = measure_throughput(entry.model, [entry.inputs_of(batch, role) for batch in batches])
         pairs = (cka_layers or {}).get(entry.name)
         cka = None
@@ -315,6 +338,8 @@ def compare_models(
                 "latency_p50_ms": latency["p50_ms"],
                 "latency_p90_ms": latency["p90_ms"],
                 "latency_mean_ms": latency["mean_ms"],
+                "latency_iqr_pct": latency["iqr_pct"],
+                "latency_repeats": int(latency["repeats"]),
                 "throughput": throughput,
                 "cka": cka,
             }
@@ -324,7 +349,14 @@ def compare_models(
     primary = next(iter(reference["metrics"]), None)
     for row in rows:
         row["compression"] = _ratio(reference["params"], row["params"])
-        row["speedup"] = _ratio(reference["latency_p50_ms"], row["latency_p50_ms"])
+        spread = ratio_spread(rounds, reference["name"], row["name"])  # per-round teacher time / this model's
+        row["speedup"] = spread["p50"]
+        row["speedup_iqr"] = [spread["p25"], spread["p75"]]
+        if row is not reference and row["latency_iqr_pct"] > 25.0:
+            warnings.append(
+                f"{row['name']}: its latency varied by {row['latency_iqr_pct']:.0f}% (interquartile range over "
+                f"{row['latency_repeats']} interleaved rounds); its speed-up is uncertain"
+            )
         row["metric_kept_pct"] = (
             _kept_pct(primary, row["metrics"].get(primary), reference["metrics"].get(primary)) if primary else None
         )
@@ -333,10 +365,20 @@ def compare_models(
         "batches": len(batches),
         "latency_batch_size": latency_batch_size if latency_batch is None else None,
         "latency_repeats": latency_repeats,
+        "latency_rounds": len(rounds),
+        "latency_interleaved": True,
         "device": str(next(teacher.model.parameters(), torch.empty(0)).device),
         "torch_threads": torch.get_num_threads(),
     }
-    return _finite({"teacher": teacher.name, "primary_metric": primary, "settings": settings, "models": rows})
+    return _finite(
+        {
+            "teacher": teacher.name,
+            "primary_metric": primary,
+            "settings": settings,
+            "models": rows,
+            "warnings": warnings,
+        }
+    )
 
 
 # ---------------------------------------------------------------- formatting
@@ -404,10 +446,24 @@ def compare_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]
                 _number(row.get("latency_p50_ms"), 2),
                 _number(row.get("latency_p90_ms"), 2),
                 "-" if row.get("throughput") is None else f"{row['throughput']:.1f}",
-                _times(row.get("speedup")),
+                _speedup_cell(row),
             ]
         )
     return header, cells
+
+
+def _speedup_cell(row: Mapping[str, Any]) -> str:
+    """The speed-up with its interquartile range over the interleaved rounds, ``1.48x (1.41-1.55)``."""
+    text = _times(row.get("speedup"))
+    spread = row.get("speedup_iqr")
+    if row.get("role") == "teacher" or not spread or None in spread:
+        return text
+    return f"{text} ({spread[0]:.2f}-{spread[1]:.2f})"
+
+
+def compare_warnings(result: Mapping[str, Any]) -> list[str]:
+    """What makes a comparison's timings doubtful, one line each (a busy CPU, a model whose latency varied)."""
+    return [str(warning) for warning in result.get("warnings") or []]
 
 
 def format_compare_table(result: Mapping[str, Any]) -> str:
@@ -448,7 +504,8 @@ def compare_markdown(result: Mapping[str, Any]) -> str:
         "|" + "|".join([":---", ":---", *["---:"] * (len(header) - 2)]) + "|",
         *("| " + " | ".join(row) + " |" for row in cells),
     ]
-    return "\n".join(lines + _cka_markdown(result)) + "\n"
+    notes = [f"> warning: {warning}" for warning in compare_warnings(result)]
+    return "\n".join(lines + _cka_markdown(result) + (["", *notes] if notes else [])) + "\n"
 
 
 def write_compare(result: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:

@@ -24,10 +24,13 @@ from kdistill.errors import InvalidArgumentError
 
 __all__ = [
     "count_parameters",
+    "cpu_contention",
     "evaluating",
+    "measure_latencies",
     "measure_latency",
     "measure_throughput",
     "prepare_inputs",
+    "ratio_spread",
     "size_on_disk",
 ]
 
@@ -145,6 +148,95 @@ def measure_latency(
         "min_ms": timings_ms[0],
         "repeats": float(repeats),
     }
+
+
+def measure_latencies(
+    models: Mapping[str, tuple[nn.Module, Mapping[str, Any]]],
+    *,
+    warmup: int = 3,
+    min_repeats: int = 10,
+    max_repeats: int = 200,
+    budget_s: float = 4.0,
+    threads: int | None = None,
+) -> tuple[dict[str, dict[str, float]], list[dict[str, float]]]:
+    """Time several models on their inputs interleaved: each round runs one forward of every model, in an order
+    that rotates, so a burst of load from elsewhere falls on all of them alike and the ratios stay fair.
+
+    Rounds repeat until every model has ``min_repeats`` forwards and either ``budget_s`` seconds have passed or
+    ``max_repeats`` rounds are done (adaptive: fast models get more repeats within the budget).
+
+    Args:
+        models: name → (model, its inputs); each run in eval mode without gradients.
+        warmup: untimed forwards of each model first.
+
+    Returns:
+        Per model ``{"p50_ms", "p90_ms", "mean_ms", "min_ms", "iqr_pct", "repeats"}`` (``iqr_pct``: the
+        interquartile range as a percentage of the median, the spread), and each round's times ``{name: ms}``.
+    """
+    _check_count("warmup", warmup, 0)
+    _check_count("min_repeats", min_repeats, 1)
+    _check_count("max_repeats", max_repeats, min_repeats)
+    names = list(models)
+    prepared = {name: (model, prepare_inputs(model, inputs)) for name, (model, inputs) in models.items()}
+    rounds: list[dict[str, float]] = []
+    with _torch_threads(threads), contextlib.ExitStack() as stack:
+        for model, _ in prepared.values():
+            stack.enter_context(evaluating(model))
+        for _ in range(warmup):
+            for model, inputs in prepared.values():
+                model(**inputs)
+        started = time.perf_counter()
+        while len(rounds) < max_repeats and (len(rounds) < min_repeats or time.perf_counter() - started < budget_s):
+            shift = len(rounds) % len(names)
+            timings: dict[str, float] = {}
+            for name in names[shift:] + names[:shift]:
+                model, inputs = prepared[name]
+                device = _model_device(model)
+                _synchronize(device)
+                start = time.perf_counter()
+                model(**inputs)
+                _synchronize(device)
+                timings[name] = (time.perf_counter() - start) * 1000.0
+            rounds.append(timings)
+    stats: dict[str, dict[str, float]] = {}
+    for name in names:
+        values = sorted(timing[name] for timing in rounds)
+        p50 = _percentile(values, 50)
+        stats[name] = {
+            "p50_ms": p50,
+            "p90_ms": _percentile(values, 90),
+            "mean_ms": sum(values) / len(values),
+            "min_ms": values[0],
+            "iqr_pct": 100.0 * (_percentile(values, 75) - _percentile(values, 25)) / max(p50, 1e-12),
+            "repeats": float(len(values)),
+        }
+    return stats, rounds
+
+
+def ratio_spread(rounds: Sequence[Mapping[str, float]], numerator: str, denominator: str) -> dict[str, float]:
+    """The per-round ratio ``numerator / denominator`` (a speed-up when the numerator is the reference's time):
+    its median and its interquartile range ``p25``, ``p75`` over the interleaved rounds."""
+    ratios = sorted(timing[numerator] / max(timing[denominator], 1e-12) for timing in rounds)
+    return {"p50": _percentile(ratios, 50), "p25": _percentile(ratios, 25), "p75": _percentile(ratios, 75)}
+
+
+def cpu_contention(threads: int | None = None) -> str | None:
+    """A warning when other processes keep the CPU busy (the 1-minute load average beyond what this process's
+    threads leave free), which makes latencies and their ratios unreliable; None when the machine looks quiet or
+    cannot tell."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    cores = os.cpu_count() or 1
+    used = threads or torch.get_num_threads()
+    others = load - min(used, cores)  # this process itself counts in the load while it measures
+    if others >= max(0.5 * cores, 0.75):
+        return (
+            f"other processes keep the CPU busy (load {load:.1f} on {cores} cores): latencies and speed-ups may be "
+            "off; measure on a quiet machine"
+        )
+    return None
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:

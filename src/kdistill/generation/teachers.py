@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -57,6 +58,7 @@ class HFTeacher:
         from transformers import AutoModelForCausalLM
 
         path = resolve_model_path(self.path, "teacher")
+        _check_causal_lm(path, self.path)
         extra: dict[str, Any] = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         # the model is not read by loading.load_model, which fixes one torch dtype: generation keeps the checkpoint's
         # own ("auto", bf16 on a GPU for most LLMs) and de-quantizes a GGUF file to float32
@@ -92,9 +94,11 @@ class HFTeacher:
         model, tokenizer = self._model, self._tokenizer
         texts = [self.render(prompt.messages) for prompt in prompts]
         # a chat template writes its own special tokens; raw text gets the tokenizer's (bos) as in pretraining
-        inputs = tokenizer(
+        encoded = tokenizer(
             texts, return_tensors="pt", padding=True, add_special_tokens=not getattr(tokenizer, "chat_template", None)
-        ).to(model.device)
+        )
+        # the ids and their mask only: a BERT-style tokenizer's token_type_ids are no input of a causal LM's generate
+        inputs = {key: encoded[key].to(model.device) for key in ("input_ids", "attention_mask")}
         sampling: dict[str, Any] = {"do_sample": params.do_sample, "num_return_sequences": params.num_samples}
         if params.do_sample:
             sampling.update(temperature=params.temperature, top_p=params.top_p)
@@ -108,6 +112,23 @@ class HFTeacher:
         decoded = [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         n = params.num_samples
         return [decoded[row * n : (row + 1) * n] for row in range(len(prompts))]
+
+
+def _check_causal_lm(path: str, name: str) -> None:
+    """Refuse a saved model whose architecture is no causal LM (a classifier, an encoder): transformers would put a
+    fresh, untrained LM head on it and generate noise."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return  # a hub id or a GGUF directory: the loader decides
+    try:
+        architectures = json.loads(config_file.read_text()).get("architectures") or []
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise InvalidArgumentError(
+            f"teacher {name} is a {architectures[0]}, not a causal language model; generate needs a model that "
+            "writes text (a ...ForCausalLM)"
+        )
 
 
 class OpenAITeacher:

@@ -14,13 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import transformers
 
 from kdistill.distillers.lm_cross import CROSS_TOKENIZER_METHODS
 from kdistill.distillers.objective import Objective, Stage
 from kdistill.errors import InvalidArgumentError, KdistillError
-from kdistill.losses import LOSSES
+from kdistill.losses import LOSSES, check_kd_kwargs
 from kdistill.losses._common import VOCAB_POLICIES
 from kdistill.losses.sparse import LEFTOVER_POLICIES
 
@@ -171,7 +170,7 @@ class DistillationArguments(transformers.TrainingArguments):
         if self.kd_kwargs is not None:
             if not isinstance(self.kd_kwargs, Mapping):
                 raise InvalidArgumentError(f"kd_kwargs must be a dict such as {{'beta': 0.5}}, got {self.kd_kwargs!r}")
-            self._check_kd_kwargs()
+            check_kd_kwargs(self.kd_loss, self.kd_kwargs)
         self._check_schedules()
 
     def _check_schedules(self) -> None:
@@ -262,18 +261,6 @@ class DistillationArguments(transformers.TrainingArguments):
                     f"{name}={getattr(self, name)!r} cannot be used with cross_tokenizer={self.cross_tokenizer!r}: "
                     f"{why[name]}"
                 )
-
-    def _check_kd_kwargs(self) -> None:
-        """Call the divergence once on a 1 × 2 example so that a wrong keyword fails here, not at the first step."""
-        fn = LOSSES.get(self.kd_loss)
-        try:
-            fn(torch.zeros(1, 2), torch.zeros(1, 2), **dict(self.kd_kwargs or {}))
-        except TypeError as error:
-            raise InvalidArgumentError(
-                f"kd_kwargs={dict(self.kd_kwargs or {})!r} do not fit kd_loss={self.kd_loss!r}: {error}"
-            ) from None
-        except KdistillError as error:
-            raise InvalidArgumentError(f"kd_kwargs of kd_loss={self.kd_loss!r}: {error}") from None
 
 
 def _is_number(value: object) -> bool:

@@ -20,7 +20,7 @@ from kdistill.losses.divergences import (
     total_variation,
 )
 from kdistill.losses.features import attention_kl, attention_mse, cosine, fsp, hidden_mse, nst, pkd
-from kdistill.losses.registry import LOSSES, get_loss, register_loss
+from kdistill.losses.registry import LOSSES, check_kd_kwargs, get_loss, register_loss
 from kdistill.losses.sparse import sparse_divergence
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "aligned_distillation_loss_batch",
     "attention_kl",
     "attention_mse",
+    "check_kd_kwargs",
     "chunked_divergence",
     "cosine",
     "forward_kl",

@@ -61,7 +61,29 @@ def _divergence(
     student_rows = scale_rows(select_counted(student_logits, mask).to(dtype), temperature, mask)  # (n_counted, V)
     teacher_rows = scale_rows(select_counted(teacher_logits, mask).to(dtype), temperature, mask)  # (n_counted, V)
     per_position = rows_fn(student_rows, teacher_rows)  # (n_counted,); empty rows keep the graph connected
+    if torch.isnan(per_position).any():  # n_counted values: cheap, and what a NaN loss would hide
+        _refuse_empty_rows(student_rows, teacher_rows, mask, leading_shape)
     return reduce_positions(per_position, mask, leading_shape, reduction)
+
+
+def _refuse_empty_rows(
+    student_rows: torch.Tensor, teacher_rows: torch.Tensor, mask: torch.Tensor | None, leading_shape: torch.Size
+) -> None:
+    """Name the first counted position whose logits are -inf (or NaN) everywhere on a side: no distribution."""
+    if mask is not None:
+        positions = mask.nonzero()  # (n_counted, dims), in the order select_counted keeps the rows
+    elif not leading_shape:  # one distribution, no positions
+        positions = torch.zeros(len(student_rows), 0, dtype=torch.long)
+    else:
+        positions = torch.stack(torch.unravel_index(torch.arange(len(student_rows)), leading_shape), -1)
+    for side, rows in (("student_logits", student_rows), ("teacher_logits", teacher_rows)):
+        empty = (torch.isneginf(rows) | torch.isnan(rows)).all(-1)
+        if empty.any():
+            where = tuple(int(i) for i in positions[int(empty.nonzero()[0])])
+            raise InvalidArgumentError(
+                f"{side} at position {where} (a counted position) are -inf everywhere, so they are no "
+                "distribution; mask that position out (mask False) or give it a finite logit"
+            )
 
 
 def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.losses import cross_tokenizer as _xtok
 from kdistill.losses import divergences as _div
 from kdistill.losses import features as _feat
 from kdistill.losses._lookup import LOSSES, LossFn
 
-__all__ = ["LOSSES", "LossFn", "get_loss", "register_loss"]
+__all__ = ["LOSSES", "LossFn", "check_kd_kwargs", "get_loss", "register_loss"]
 
 LOSSES.register("forward_kl", _div.forward_kl, kind="divergence", aliases=("kl", "kd_kl"))
 LOSSES.register("reverse_kl", _div.reverse_kl, kind="divergence", aliases=("rkl",))
@@ -52,3 +55,18 @@ def register_loss(name: str, fn: LossFn | None = None, *, kind: str = "divergenc
     :func:`~kdistill.losses.chunked_divergence` can call it like the built-in ones.
     """
     return LOSSES.register(name, fn, kind=kind, **kwargs)
+
+
+def check_kd_kwargs(kd_loss: str | LossFn, kd_kwargs: dict[str, Any] | None) -> None:
+    """Call the divergence once on a 1 × 2 example, so that a keyword it does not take (or a bad value) fails when
+    the objective is built, not at the first step. Raises :class:`InvalidArgumentError` naming ``kd_kwargs``."""
+    if not kd_kwargs:
+        return
+    fn = LOSSES.resolve(kd_loss)
+    name = kd_loss if isinstance(kd_loss, str) else getattr(kd_loss, "__name__", "the loss")
+    try:
+        fn(torch.zeros(1, 2), torch.zeros(1, 2), **dict(kd_kwargs))
+    except TypeError as error:
+        raise InvalidArgumentError(f"kd_kwargs={dict(kd_kwargs)!r} do not fit kd_loss={name!r}: {error}") from None
+    except KdistillError as error:
+        raise InvalidArgumentError(f"kd_kwargs of kd_loss={name!r}: {error}") from None

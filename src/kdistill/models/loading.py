@@ -130,6 +130,16 @@ def load_model(
         model = model_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
         raise _load_error(field_name, path, error) from None
+    except RuntimeError as error:  # a saved head of another size than the task's labels
+        if "ignore_mismatched_sizes" not in str(error) or "num_labels" not in kwargs:
+            raise
+        saved = json.loads(config_file.read_text()).get("id2label", {}) if config_file.is_file() else {}
+        raise ModelLoadError(
+            f"{field_name}: {path} has a head of {len(saved) or 'another number of'} labels and the task has "
+            f"{kwargs['num_labels']}"
+            + (f" ({', '.join(map(str, label_names))})" if label_names else "")
+            + "; give a model trained on the task's labels"
+        ) from None
     return _without_quantization(model, dtype) if gguf_file is not None else model
 
 
@@ -224,6 +234,14 @@ def load_any_model(path: str) -> nn.Module:
         raise _load_error("model", path, error) from None
 
 
+def is_local_path(path: str) -> bool:
+    """Whether ``path`` can only be a local path: it starts like one, or has more parts than a hub id
+    (``name`` or ``namespace/name``)."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
+
 def _load_error(field_name: str, path: str, error: Exception) -> ModelLoadError:
+    if not Path(path).expanduser().exists() and is_local_path(path):
+        return ModelLoadError(f"{field_name} {path} does not exist (no such directory here, and not a hub id)")
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return ModelLoadError(f"{field_name}: cannot load {path!r} ({reason[:200]})")

@@ -306,6 +306,10 @@ def build_student(
         return _load_pretrained(path, task, num_labels)
     if teacher is None:
         raise InvalidArgumentError(f"student kind {kind!r} needs the teacher model")
+    if hasattr(teacher, "peft_config") and hasattr(teacher, "merge_and_unload"):
+        # a LoRA-tuned teacher: the student starts from the tuned weights (the adapter merged into a copy; the
+        # teacher itself keeps its adapter)
+        teacher = copy.deepcopy(teacher).merge_and_unload()
     if kind == "from_teacher":
         if layers is None:
             if num_layers is None:

@@ -278,7 +278,9 @@ def _headlines(compare: Mapping[str, Any]) -> list[str]:
         if _number(row.get("compression")) is not None:
             parts.append(f"{row['compression']:.2f}x fewer parameters")
         if _number(row.get("speedup")) is not None:
-            parts.append(f"{row['speedup']:.2f}x speed-up (p50 latency)")
+            spread = row.get("speedup_iqr") or []
+            within = f", interquartile {spread[0]:.2f}-{spread[1]:.2f}" if len(spread) == 2 else ""
+            parts.append(f"{row['speedup']:.2f}x speed-up (median over interleaved timings{within})")
         if _number(row.get("metric_kept_pct")) is not None and primary:
             parts.append(f"keeps {row['metric_kept_pct']:.1f}% of the teacher's {primary}")
         if _number(row.get("agreement")) is not None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from kdistill._io import check_dir_target
 from kdistill.cache import build_manifest, dataset_fingerprint, tokenizer_hash, write_cache
 from kdistill.config import load_config
 from kdistill.errors import InvalidArgumentError
@@ -39,6 +40,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """``kdistill cache``: ``args`` has the run's ``config`` and ``overrides``, ``out``, ``k``, ``dtype``,
     ``batch_size`` and ``shard_size``; returns the exit code (0). Refuses, before any work, what cannot be cached."""
     config = load_config(args.config, args.overrides)
+    check_dir_target(args.out, "--out")
     if config.teacher is None:
         raise InvalidArgumentError("the run has no teacher section: there is nothing to cache")
     if not config.teacher.is_model:  # teacher: ema | self

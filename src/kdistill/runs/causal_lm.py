@@ -62,7 +62,7 @@ from kdistill.runs.causal_lm_parts import (
     pad_id,
     with_completion_offsets,
 )
-from kdistill.runs.engine import Collate, make_training_config
+from kdistill.runs.engine import Collate, check_schedules, make_training_config
 from kdistill.runs.parts import RunParts, build_objective, teacher_distiller
 from kdistill.runs.records import RunResult, check_output_dir, is_main_process, recorded_run
 from kdistill.schedules import TEMPERATURE_SCHEDULES
@@ -342,6 +342,7 @@ def _run_on_trainer(
         processing_class=tokenizer,
     )
     use_run_log(trainer, out, tensorboard="tensorboard" in config.training.log_with, progress=config.training.progress)
+    check_schedules(config, trainer.objective if config.mode == "distill" else None, len(train_examples))
     with recorded_run(out, config, start) as record:
         checkpoint = latest_trainer_checkpoint(out / "trainer") if config.resume else None
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
@@ -395,6 +396,7 @@ def _run_on_engine(
     distiller, examples, collate = engine_distiller(config, parts)
     # everything below the first write is validated here: the probe runs every active term once
     distiller.setup(collate(examples[: config.training.batch_size]))
+    check_schedules(config, getattr(distiller, "objective", None), len(examples))
     batch_size = config.training.eval_batch_size
     eval_fn = None
     if parts.has_split("validation"):

@@ -8,7 +8,8 @@ completion offsets for ``align``, and the evaluation written to ``eval.json``.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -19,7 +20,7 @@ from kdistill.errors import InvalidArgumentError, KdistillError, VocabMismatchEr
 from kdistill.runs.cache_checks import open_run_cache
 from kdistill.runs.parts import RunParts, build_parts
 from kdistill.tasks import make_batches
-from kdistill.tasks.base import tokenizers_differ
+from kdistill.tasks.base import ShowingProgress, tokenizers_differ
 from kdistill.tasks.causal_lm import evaluate_lm, tokenizer_name
 
 if TYPE_CHECKING:
@@ -31,7 +32,9 @@ def evaluate_causal_lm(
 ) -> dict[str, float]:
     """Perplexity, next-token accuracy and, when the run has a teacher (and ``with_teacher``), agreement and KL to it,
     on ``split``; the two vocabularies compared by the run's ``distill.kd_kwargs.vocab_policy``, as in training."""
-    batches = make_batches(parts.eval_examples[split], parts.collate, batch_size)
+    batches: Sequence[Any] = make_batches(parts.eval_examples[split], parts.collate, batch_size)
+    if parts.config.training.progress:
+        batches = ShowingProgress(batches, f"eval {split}")
     policy = parts.config.distill.kd_kwargs.get("vocab_policy", "error")
     return evaluate_lm(model, batches, teacher=parts.teacher if with_teacher else None, vocab_policy=policy)
 

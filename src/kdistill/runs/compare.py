@@ -108,7 +108,7 @@ def compare_targets(
     """
     data_path = Path(data)
     config = run_config_for(data, None if data_path.is_dir() else data, overrides)
-    teacher_path = model_dir(teacher)
+    teacher_path = model_dir(teacher, "--teacher")
     parts = _parts(config, teacher_path)
     assert parts.student is not None
     return _compare(
@@ -138,7 +138,7 @@ def _parts(config: RunConfig, model_path: str) -> RunParts:
 def _teacher_spec(config: RunConfig, run_dir: str, teacher: str | None) -> TeacherConfig:
     """The run's teacher as a loadable :class:`TeacherConfig` (``teacher`` in its place when given)."""
     if teacher is not None:
-        return TeacherConfig(path=model_dir(teacher))
+        return TeacherConfig(path=model_dir(teacher, "--teacher"))
     spec = config.teacher
     if spec is None or not spec.is_model:
         why = (
@@ -170,8 +170,8 @@ def _load_students(parts: RunParts, targets: Sequence[str]) -> list[Loaded]:
     label_names = getattr(parts.task, "label_names", None) or None
     loaded = []
     for target in targets:
-        path = model_dir(target)
         field = f"student {target}"
+        path = model_dir(target, field)
         model = load_model(path, parts.task.auto_model_class, field, label_names=label_names)
         loaded.append((Path(target).name or target, model, path, load_tokenizer(path, field)))
     return loaded

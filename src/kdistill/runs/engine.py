@@ -44,6 +44,20 @@ def make_training_config(config: RunConfig) -> TrainConfig:
     )
 
 
+def planned_steps(config: RunConfig, num_examples: int) -> int:
+    """The optimizer steps a run of ``num_examples`` training examples takes on one process."""
+    training = config.training
+    batches = -(-num_examples // training.batch_size)
+    per_epoch = max(-(-batches // training.gradient_accumulation_steps), 1)
+    return training.max_steps or per_epoch * training.num_epochs
+
+
+def check_schedules(config: RunConfig, objective: Any, num_examples: int) -> None:
+    """The objective's weights and temperature over the planned steps, checked before anything is written."""
+    if objective is not None:
+        objective.check_schedules(planned_steps(config, num_examples))
+
+
 def train_and_evaluate(
     config: RunConfig,
     distiller: Distiller,
@@ -74,6 +88,7 @@ def train_and_evaluate(
     out = Path(config.output_dir)  # checked by check_output_dir before the run's parts were built
     # everything below the first write is validated here: the probe runs every active term once
     distiller.setup(collate(train_examples[: config.training.batch_size]))
+    check_schedules(config, getattr(distiller, "objective", None), len(train_examples))
     with recorded_run(out, config, start) as record:
         eval_fn = (lambda model: evaluate(model, "validation")) if "validation" in eval_splits else None
         train(distiller, train_examples, make_training_config(config), collate_fn=collate, eval_fn=eval_fn)

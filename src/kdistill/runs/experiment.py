@@ -48,6 +48,7 @@ from typing import Any, Literal
 import yaml
 from safetensors import safe_open
 
+from kdistill._io import check_dir_target
 from kdistill.config import ConfigError, RunConfig, load_config, parse_overrides
 from kdistill.config.loader import read_yaml_mapping
 from kdistill.errors import KdistillError
@@ -137,7 +138,8 @@ def load_grid(path: str | Path | None = None, overrides: Sequence[str] = (), *, 
     title = data.get("title") or f"Experiment: {stem}"
     if not isinstance(title, str):
         raise ConfigError(f"grid: title must be a string, got {title!r}")
-    out = Path(output_dir if output_dir is not None else data.get("output_dir") or Path("runs") / stem)
+    out = output_dir if output_dir is not None else data.get("output_dir") or Path("runs") / stem
+    out = check_dir_target(out, "--output-dir" if output_dir is not None else "the grid's output_dir")
     metrics = _metrics_setting(data.get("metrics"))
     base = _base_mapping(data.get("base"), root)
     for item in overrides:

@@ -281,6 +281,7 @@ def evaluate(
         parts.splits[split],
         batch_size=parts.config.training.eval_batch_size,
         inputs=inputs,
+        progress=f"eval {split}" if parts.config.training.progress else None,
     )
 
 
@@ -314,9 +315,9 @@ def compare_batches(
     examples = parts.task.preprocess(
         rows, tokenizer=student_tokenizer, teacher_tokenizer=teacher_tokenizer, max_length=parts.config.data.max_length
     )
-    if examples and "student" not in examples[0]:  # one tokenizer for all: give both views the same inputs
-        examples = [{"student": _inputs_only(e), "teacher": _inputs_only(e), **_rest(e)} for e in examples]
     batches = make_batches(examples, parts.task.collate, parts.config.training.eval_batch_size)
+    if examples and "student" not in examples[0]:  # one tokenizer for all: both views read the same batch inputs
+        batches = [{"student": _inputs_only(b), "teacher": _inputs_only(b), **_rest(b)} for b in batches]
     inputs = {name: ("student" if name in own else "teacher") for name in student_tokenizers}
     return batches, inputs
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from kdistill._io import atomic_write_text, write_json_atomically
+from kdistill._io import atomic_write_text, check_dir_target, write_json_atomically
 from kdistill._lock import LOCK_NAME, check_unlocked, exclusive
 from kdistill.config import RunConfig
 from kdistill.errors import KdistillError
@@ -100,10 +100,7 @@ def check_run_dir(out: Path, *, resume: bool, config: dict[str, Any]) -> Path:
     ``resume`` whose ``config`` differs from the one the run was started with.
     """
     check_launch()
-    for path in (out, *out.parents):
-        if path.exists() and not path.is_dir():
-            where = "is a file" if path == out else f"is under {path}, which is a file"
-            raise KdistillError(f"output_dir {out} {where}; output_dir must be a directory")
+    check_dir_target(out, "output_dir")
     check_unlocked(out, out / LOCK_NAME)
     status = run_status(out)
     if status == "complete":
@@ -143,10 +140,26 @@ def check_launch() -> None:
     runs alone, or one whose rank accelerate does not see (each process then believes it is rank 0)."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
+        asked = _launcher_processes()
+        if asked is not None and asked > 1:
+            raise KdistillError(
+                f"accelerate launch was asked for {asked} processes but started this one alone (it does so with "
+                f"--cpu); launch with: {WORKING_LAUNCH}"
+            )
         return
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    if not torch.cuda.is_available():  # torchrun on CPUs: accelerate joins the processes with gloo only when told
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    try:
+        state = PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    except (ValueError, RuntimeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise KdistillError(
+            f"WORLD_SIZE={world} is set, but this process cannot join the others ({reason[:160]}); launch with: "
+            f"{WORKING_LAUNCH}"
+        ) from None
     rank = int(os.environ.get("RANK", "0") or 0)
     if state.num_processes != world or state.process_index != rank:
         raise KdistillError(
@@ -154,6 +167,28 @@ def check_launch() -> None:
             f"{state.process_index} of {state.num_processes} ({state.distributed_type}), so the processes would "
             f"not train together and would write the same files; launch with: {WORKING_LAUNCH}"
         )
+
+
+def _launcher_processes() -> int | None:
+    """``--num_processes`` of the ``accelerate launch`` that started this process (from the parent's command line,
+    where the system shows it), or None."""
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    # `accelerate launch ...`, `python -m accelerate.commands.launch ...`
+    if not any(part == "launch" or part.endswith(("accelerate.commands.launch", "launch.py")) for part in parent):
+        return None
+    if not any("accelerate" in part for part in parent):
+        return None
+    for index, part in enumerate(parent):
+        for flag in ("--num_processes", "--num-processes"):
+            value = parent[index + 1] if part == flag and index + 1 < len(parent) else None
+            if part.startswith(flag + "="):
+                value = part.split("=", 1)[1]
+            if value is not None and value.isdigit():
+                return int(value)
+    return None
 
 
 @contextlib.contextmanager

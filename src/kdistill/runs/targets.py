@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kdistill.config import RunConfig, load_config
 from kdistill.errors import KdistillError
-from kdistill.models.loading import resolve_model_path
+from kdistill.models.loading import is_local_path, resolve_model_path
 from kdistill.runs.parts import RunParts, build_parts, evaluate
 from kdistill.runs.records import run_status
 
@@ -31,13 +31,16 @@ def run_config_for(target: str, config_path: str | None, overrides: Sequence[str
     return load_config(config_path, overrides)
 
 
-def model_dir(target: str) -> str:
+def model_dir(target: str, field: str = "model") -> str:
     """A complete run directory's student, or the target itself (a model directory, hub id; ``packaged:`` resolved).
 
     Raises:
-        KdistillError: ``target`` is a run directory whose run is not complete.
+        KdistillError: ``target`` is a run directory whose run is not complete, or a local path that does not
+            exist (named as ``field``).
     """
     path = Path(target)
+    if is_local_path(target) and not path.expanduser().exists():
+        raise KdistillError(f"{field} {target} does not exist (no such directory here, and not a hub id)")
     if (path / "run.json").is_file():
         status = run_status(path)
         if status != "complete":

@@ -9,6 +9,7 @@ that ships one) is de-quantized once into the cache too; ``teacher.adapter`` put
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def _fine_tuned_teacher(config: RunConfig, task: Task, splits: DatasetDict, path
     assert config.teacher is not None
     cache = teacher_cache_dir(config)
     if run_status(cache) == "complete":
-        print(f"using the fine-tuned teacher cached in {cache}")
+        print(f"using the fine-tuned teacher cached in {cache}{_scores(cache / 'eval.json')}")
         return cache
     if cache.exists():
         shutil.rmtree(cache)  # an earlier fine-tuning that did not finish
@@ -98,8 +99,23 @@ def _fine_tuned_teacher(config: RunConfig, task: Task, splits: DatasetDict, path
         },
     )
     print(f"fine-tuning the teacher {config.teacher.path} (cached in {cache})")
-    train_teacher(teacher_config, task, splits)
+    result = train_teacher(teacher_config, task, splits)
+    print(f"fine-tuned teacher: {_format_scores(result.metrics) or 'no evaluation split'}")
     return cache
+
+
+def _format_scores(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+
+
+def _scores(eval_file: Path) -> str:
+    """``" (validation/accuracy 0.8125, ...)"`` from a run's ``eval.json``, or nothing when it has none."""
+    try:
+        metrics = json.loads(eval_file.read_text())
+    except (OSError, ValueError):
+        return ""
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return f" ({_format_scores(numbers)})" if numbers else ""
 
 
 def train_teacher(config: RunConfig, task: Task, splits: DatasetDict, *, start: float | None = None) -> RunResult:

@@ -266,6 +266,26 @@ def make_batches(
     return [collate(list(examples[span.start : span.stop])) for span in chunks(len(examples), batch_size)]
 
 
+class ShowingProgress(Sequence):
+    """``batches`` as a sequence whose iteration shows a progress bar (``desc``) on a terminal; indexing and
+    length are the list's own. Evaluation passes this to a task's ``predict`` so a long split shows it moves."""
+
+    def __init__(self, batches: Sequence[Any], desc: str) -> None:
+        self.batches, self.desc = batches, desc
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.batches[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, nothing in a log file or a test's captured output
+        yield from tqdm(self.batches, desc=self.desc, leave=False, disable=None, dynamic_ncols=True)
+
+
 def evaluate_task(
     task: Task,
     model: nn.Module,
@@ -274,10 +294,13 @@ def evaluate_task(
     *,
     batch_size: int = 32,
     inputs: str = "student",
+    progress: str | None = None,
 ) -> dict[str, float]:
-    """Batch ``examples``, run ``model`` over them and score: a ready ``eval_fn`` body for the training loop."""
+    """Batch ``examples``, run ``model`` over them and score: a ready ``eval_fn`` body for the training loop.
+    ``progress``: a label for a progress bar over the batches (shown on a terminal), or None for none."""
     batches = make_batches(examples, task.collate, batch_size)
-    return task.compute_metrics(task.predict(model, batches, inputs=inputs), batches, examples_meta)
+    shown = ShowingProgress(batches, progress) if progress else batches
+    return task.compute_metrics(task.predict(model, shown, inputs=inputs), batches, examples_meta)
 
 
 def rows_of(batch: Mapping[str, Any]) -> list[int]:

@@ -236,6 +236,8 @@ def train(
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if hasattr(distiller, "objective"):
+        distiller.objective.check_schedules(total_steps)
 
     state: dict[str, Any] = {
         "step": 0,
