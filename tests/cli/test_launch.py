@@ -112,3 +112,26 @@ def test_written_files_honour_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+def test_yaml_no_is_mixed_precision_no_and_the_schedulers_are_transformers_own(tmp_path: Path) -> None:
+    import transformers
+    import yaml
+
+    from kdistill.config import load_config
+    from kdistill.config.schema import LR_SCHEDULERS
+
+    data = yaml.safe_load("task: sequence_classification\ndata: {source: x}\nmode: baseline\nstudent: {kind: bilstm}\n"
+                          "training: {mixed_precision: no}\n")  # fmt: skip
+    assert data["training"]["mixed_precision"] is False  # what YAML 1.1 makes of an unquoted no
+    assert load_config(data=data).training.mixed_precision == "no"
+    known = {kind.value for kind in transformers.SchedulerType}
+    assert set(LR_SCHEDULERS) <= known  # every name the config accepts is one transformers builds
+
+
+def test_evaluation_batches_keep_their_order_and_length_behind_a_progress_bar() -> None:
+    from kdistill.tasks.base import ShowingProgress
+
+    batches = [{"i": i} for i in range(5)]
+    shown = ShowingProgress(batches, "eval test")
+    assert len(shown) == 5 and shown[2] == {"i": 2} and list(shown) == batches

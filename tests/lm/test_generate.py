@@ -626,3 +626,18 @@ def test_each_batch_is_one_append_of_whole_lines(
     assert all(w.endswith(b"\n") for w in batch_writes)
     assert len(syncs) >= 2
     assert b"".join(batch_writes) == out.read_bytes()
+
+
+def test_a_tokenizer_that_returns_token_type_ids_still_generates(teacher_dir: Path, prompts_file: Path, tmp_path):
+    teacher = HFTeacher(str(teacher_dir))
+    teacher._load()
+    original = teacher._tokenizer.__class__.__call__
+
+    def with_types(self, *args, **kwargs):  # a BERT-style tokenizer adds token_type_ids, which generate refuses
+        encoded = original(self, *args, **kwargs)
+        encoded["token_type_ids"] = encoded["input_ids"] * 0
+        return encoded
+
+    teacher._tokenizer.__class__ = type("TypedTokenizer", (teacher._tokenizer.__class__,), {"__call__": with_types})
+    result = generate_dataset(prompts_file, tmp_path / "o.jsonl", teacher, GREEDY, limit=2, progress=None)
+    assert result.lines_written == 2

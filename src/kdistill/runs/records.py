@@ -101,7 +101,8 @@ def check_run_dir(out: Path, *, resume: bool, config: dict[str, Any]) -> Path:
     """
     check_launch()
     check_dir_target(out, "output_dir")
-    check_unlocked(out, out / LOCK_NAME)
+    if is_main_process():  # the main process holds the lock for its launch; the others never write
+        check_unlocked(out, out / LOCK_NAME)
     status = run_status(out)
     if status == "complete":
         why = "; resume continues an unfinished run and never overwrites a finished one" if resume else ""
