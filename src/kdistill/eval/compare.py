@@ -45,6 +45,7 @@ from kdistill.eval.speed import (
     prepare_inputs,
     ratio_spread,
     size_on_disk,
+    watching_cpu,
 )
 from kdistill.losses import forward_kl
 
@@ -299,13 +300,14 @@ def compare_models(
                     stored[entry.name].append(_reduced(reduce_batch, heads, batch))
 
     # Speed: every model timed in the same rounds, interleaved, so load from elsewhere falls on all of them alike
-    warnings = [w for w in [cpu_contention()] if w]
-    latencies, rounds = measure_latencies(
-        {entry.name: (entry.model, entry.inputs_of(timing_batch, roles[entry.name])) for entry in entries},
-        min_repeats=latency_repeats,
-        max_repeats=max(latency_repeats, latency_max_repeats),
-        budget_s=latency_budget_s,
-    )
+    with watching_cpu() as usage:
+        latencies, rounds = measure_latencies(
+            {entry.name: (entry.model, entry.inputs_of(timing_batch, roles[entry.name])) for entry in entries},
+            min_repeats=latency_repeats,
+            max_repeats=max(latency_repeats, latency_max_repeats),
+            budget_s=latency_budget_s,
+        )
+    warnings = [w for w in [cpu_contention(usage.get("others_share"))] if w]
     rows: list[dict[str, Any]] = []
     for entry in entries:
         role = roles[entry.name]
@@ -367,6 +369,7 @@ def compare_models(
         "latency_repeats": latency_repeats,
         "latency_rounds": len(rounds),
         "latency_interleaved": True,
+        "cpu_used_by_others": usage.get("others_share"),
         "device": str(next(teacher.model.parameters(), torch.empty(0)).device),
         "torch_threads": torch.get_num_threads(),
     }

@@ -32,6 +32,7 @@ __all__ = [
     "prepare_inputs",
     "ratio_spread",
     "size_on_disk",
+    "watching_cpu",
 ]
 
 
@@ -220,23 +221,42 @@ def ratio_spread(rounds: Sequence[Mapping[str, float]], numerator: str, denomina
     return {"p50": _percentile(ratios, 50), "p25": _percentile(ratios, 25), "p75": _percentile(ratios, 75)}
 
 
-def cpu_contention(threads: int | None = None) -> str | None:
-    """A warning when other processes keep the CPU busy (the 1-minute load average beyond what this process's
-    threads leave free), which makes latencies and their ratios unreliable; None when the machine looks quiet or
-    cannot tell."""
+def _cpu_busy_seconds() -> float | None:
+    """CPU seconds every process has used since boot, from ``/proc/stat`` (None where the system has none)."""
     try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
         return None
-    cores = os.cpu_count() or 1
-    used = threads or torch.get_num_threads()
-    others = load - min(used, cores)  # this process itself counts in the load while it measures
-    if others >= max(0.5 * cores, 0.75):
-        return (
-            f"other processes keep the CPU busy (load {load:.1f} on {cores} cores): latencies and speed-ups may be "
-            "off; measure on a quiet machine"
-        )
-    return None
+    ticks = [int(value) for value in fields]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def watching_cpu() -> Iterator[dict[str, float]]:
+    """For the block: the share of the machine's cores that other processes used (``others_share``, 0..1), from the
+    system's busy time less this process's own CPU time, over the block's wall time (absent where unknown)."""
+    usage: dict[str, float] = {}
+    busy, own, wall = _cpu_busy_seconds(), time.process_time(), time.perf_counter()
+    try:
+        yield usage
+    finally:
+        after = _cpu_busy_seconds()
+        elapsed = time.perf_counter() - wall
+        if busy is not None and after is not None and elapsed > 0:
+            others = (after - busy) - (time.process_time() - own)
+            usage["others_share"] = max(others, 0.0) / (elapsed * (os.cpu_count() or 1))
+
+
+def cpu_contention(others_share: float | None, limit: float = 0.15) -> str | None:
+    """A warning when other processes used more than ``limit`` of the cores while models were timed (from
+    :func:`watching_cpu`): their latencies and speed-ups are then unreliable. None when quiet or unknown."""
+    if others_share is None or others_share <= limit:
+        return None
+    return (
+        f"other processes used {100 * others_share:.0f}% of the {os.cpu_count() or 1} CPU cores while the models "
+        "were timed: latencies and speed-ups may be off; measure on a quiet machine"
+    )
 
 
 def _batch_size(inputs: Mapping[str, Any]) -> int:

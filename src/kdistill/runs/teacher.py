@@ -20,6 +20,7 @@ from torch import nn
 from kdistill.config import RunConfig, TrainingConfig
 from kdistill.distillers import SupervisedTrainer
 from kdistill.models.loading import (
+    PACKAGED_MODELS,
     check_vocab,
     dequantized_copy,
     load_model,
@@ -42,10 +43,24 @@ if TYPE_CHECKING:
 def teacher_cache_dir(config: RunConfig) -> Path:
     """Where the teacher fine-tuned for this config's task and data is kept (keyed by everything that shapes it)."""
     assert config.teacher is not None and config.teacher.path is not None  # a model teacher
-    path = resolve_model_path(config.teacher.path)
     training = _teacher_training(config).model_dump()
-    key = config_hash(path, config.task, config.data.model_dump(), training, _teacher_seed(config))
+    identity = _model_identity(config.teacher.path)
+    key = config_hash(identity, config.task, config.data.model_dump(), training, _teacher_seed(config))
     return Path(config.teacher.cache_dir or default_cache_dir() / "teachers") / key
+
+
+def _model_identity(path: str) -> str:
+    """What names the teacher's weights in a cache key: a ``packaged:`` model by its name and its package's version
+    (not its directory, which moves with the virtual environment), anything else by its path or hub id."""
+    if not path.startswith("packaged:"):
+        return path
+    import importlib.metadata
+
+    resolve_model_path(path)  # checks that the package is there
+    module = PACKAGED_MODELS[path.split(":", 1)[1].lower()][0]
+    dists = importlib.metadata.packages_distributions().get(module, [])
+    versions = ",".join(sorted({f"{dist}=={importlib.metadata.version(dist)}" for dist in dists}))
+    return f"{path.lower()}@{versions or 'unknown'}"
 
 
 def _teacher_training(config: RunConfig) -> TrainingConfig:
