@@ -41,8 +41,14 @@ def lock_holder(lock_file: str | Path) -> dict[str, Any] | None:
         pid, host = int(holder["pid"]), str(holder["host"])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):  # torn by a kill while it was written: nobody holds it
-        lock_file.unlink(missing_ok=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            written = lock_file.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if time.time() - written < 10:  # being written by its holder this moment: held
+            return {"pid": "?", "host": "?", "started": written}
+        lock_file.unlink(missing_ok=True)  # torn by a kill while it was written: nobody holds it
         return None
     if host == socket.gethostname() and pid != os.getpid() and not _alive(pid):
         lock_file.unlink(missing_ok=True)  # its holder is gone

@@ -159,3 +159,17 @@ def test_a_fresh_rerun_of_a_failed_run_starts_its_log_anew(lm_run: dict) -> None
     shutil.rmtree(out / "student")
     run(load_config(data=lm_run))  # no checkpoints, no resume: the run starts over
     assert _steps(out) == first
+
+
+def test_a_lock_being_written_is_held_and_a_torn_old_one_is_taken(tmp_path: Path) -> None:
+    from kdistill._lock import exclusive
+
+    lock = tmp_path / LOCK_NAME
+    lock.write_text("")  # created by O_EXCL a moment ago, its holder not yet done writing it
+    with pytest.raises(KdistillError, match="in use by another kdistill process"), exclusive(tmp_path, lock):
+        pass
+    old = lock.stat().st_mtime - 60
+    os.utime(lock, (old, old))  # a lock torn by a kill a minute ago: nobody holds it
+    with exclusive(tmp_path, lock):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
