@@ -250,3 +250,31 @@ def test_argument_errors(models):
         ModelEntry("x", models["small"], role="assistant")
     with pytest.raises(InvalidArgumentError, match="inputs must be"):
         ModelEntry("x", models["small"], inputs="other")
+
+
+def test_outcomes_give_every_model_an_interval_and_each_student_pair_a_verdict(models):
+    from kdistill.eval.compare import compare_verdicts
+
+    def outcomes(logits, batches):
+        predictions = [int(p) for heads in logits for p in heads[0].argmax(-1)]
+        return predictions, [int(y) for batch in batches for y in batch["labels"]]
+
+    result = compare_models(
+        ModelEntry("teacher", models["teacher"], role="teacher"),
+        [ModelEntry(name, models[name]) for name in ("clone", "small")],
+        BATCHES,
+        view=SequenceView(),
+        task_metric=classification_accuracy,
+        outcomes=outcomes,
+        latency_repeats=2,
+        latency_budget_s=0.0,
+        bootstrap_resamples=200,
+    )
+    significance = result["significance"]
+    assert significance["examples"] == sum(len(batch["labels"]) for batch in BATCHES)
+    rows = {row["name"]: row for row in result["models"]}
+    low, high = rows["small"]["metrics_ci"]["accuracy"]
+    assert low <= rows["small"]["metrics"]["accuracy"] <= high
+    assert [(p["a"], p["b"]) for p in significance["pairs"] if p["metric"] == "accuracy"] == [("clone", "small")]
+    assert len(compare_verdicts(result)) == 1 and "clone" in compare_verdicts(result)[0]
+    assert f"[{low:.3f}-{high:.3f}]" in format_compare_table(result)

@@ -22,20 +22,25 @@ Values that cannot be computed (a ratio over 0) are None, never NaN, so the file
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
-from kdistill._io import atomic_write_text
 from kdistill.core.views import student_inputs, teacher_inputs
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval.cka import layer_cka
+from kdistill.eval.compare_table import (
+    _finite,
+    compare_markdown,
+    compare_verdicts,
+    compare_warnings,
+    format_compare_table,
+    write_compare,
+)
+from kdistill.eval.significance import paired_comparison
 from kdistill.eval.speed import (
     count_parameters,
     cpu_contention,
@@ -53,12 +58,14 @@ __all__ = [
     "ModelEntry",
     "compare_markdown",
     "compare_models",
+    "compare_verdicts",
     "compare_warnings",
     "format_compare_table",
     "write_compare",
 ]
 
 TaskMetric = Callable[[list[list[torch.Tensor]], list[dict]], Mapping[str, float]]
+Outcomes = Callable[[list[list[torch.Tensor]], list[dict]], tuple[Sequence[int], Sequence[int]]]
 
 # Metric names (substrings) where lower is better: "kept" is then teacher / student instead of student / teacher.
 _LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "nll", "error")
@@ -202,17 +209,6 @@ def _kept_pct(metric: str, student_value: float | None, teacher_value: float | N
     return None if ratio is None else 100.0 * ratio
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with NaN/inf floats turned into None, recursively: the result must be strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(key): _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
 def compare_models(
     teacher: ModelEntry,
     students: Sequence[ModelEntry],
@@ -228,6 +224,10 @@ def compare_models(
     latency_budget_s: float = 2.0,
     vocab_policy: str = "error",
     reduce_batch: Callable[[list[torch.Tensor], Mapping[str, Any]], list[torch.Tensor]] | None = None,
+    outcomes: Outcomes | None = None,
+    num_labels: int | None = None,
+    bootstrap_resamples: int = 1000,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Evaluate a teacher and its students on the same batches.
 
@@ -250,6 +250,11 @@ def compare_models(
         vocab_policy: passed to :func:`~kdistill.losses.forward_kl` when the vocabularies differ.
         reduce_batch: ``(heads, batch) -> heads`` applied to each batch's logits before ``task_metric`` keeps them
             (a causal LM's next-token statistics in place of its ``(B, T, V)`` logits); None keeps the logits.
+        outcomes: ``(per-batch logits lists, batches) -> (predictions, labels)``, one class per example (a
+            classification task's ``outcomes``): then every model's accuracy and macro F1 get a 95% paired bootstrap
+            interval (``bootstrap_resamples``, seeded with ``seed``), each pair of students the interval of their
+            difference and McNemar's test, under ``"significance"`` (see :mod:`kdistill.eval.significance`).
+        num_labels: the classes ``0..num_labels-1`` for macro F1 in those intervals.
 
     Returns:
         A JSON-able dict (see the module docstring). ``agreement`` is the fraction of counted positions where
@@ -308,6 +313,20 @@ def compare_models(
             budget_s=latency_budget_s,
         )
     warnings = [w for w in [cpu_contention(usage.get("others_share"))] if w]
+    significance = None
+    if outcomes is not None and task_metric is not None:
+        predicted: dict[str, Sequence[int]] = {}
+        labels: Sequence[int] = []
+        for entry in entries:
+            predicted[entry.name], labels = outcomes(stored[entry.name], list(batches))
+        significance = paired_comparison(
+            predicted,
+            labels,
+            num_labels=num_labels,
+            compare=[entry.name for entry in students],
+            resamples=bootstrap_resamples,
+            seed=seed,
+        )
     rows: list[dict[str, Any]] = []
     for entry in entries:
         role = roles[entry.name]
@@ -373,153 +392,9 @@ def compare_models(
         "device": str(next(teacher.model.parameters(), torch.empty(0)).device),
         "torch_threads": torch.get_num_threads(),
     }
-    return _finite(
-        {
-            "teacher": teacher.name,
-            "primary_metric": primary,
-            "settings": settings,
-            "models": rows,
-            "warnings": warnings,
-        }
-    )
-
-
-# ---------------------------------------------------------------- formatting
-
-
-def _human_count(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= limit:
-            return f"{value / limit:.1f}{suffix}"
-    return str(int(value))
-
-
-def _human_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for limit, suffix in ((1024**3, "GB"), (1024**2, "MB"), (1024, "KB")):
-        if value >= limit:
-            return f"{value / limit:.1f} {suffix}"
-    return f"{int(value)} B"
-
-
-def _number(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if 0 < abs(value) < 10**-digits:  # a tiny KL would otherwise print as 0.0000
-        return f"{value:.1e}"
-    return f"{value:.{digits}f}" if abs(value) < 10 else f"{value:.2f}"
-
-
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _metric_names(result: Mapping[str, Any]) -> list[str]:
-    names: list[str] = []
-    for row in result.get("models", []):
-        for key in row.get("metrics") or {}:
-            if key not in names:
-                names.append(key)
-    return names
-
-
-def compare_rows(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The comparison as a header and text cells, one row per model (shared by the text, markdown and HTML tables)."""
-    metrics = _metric_names(result)
-    header = ["model", "role", "params", "size", "compression", *metrics, "kept", "agreement", "mean KL"]
-    header += ["p50 ms", "p90 ms", "examples/s", "speed-up"]
-    cells: list[list[str]] = []
-    for row in result.get("models", []):
-        values = row.get("metrics") or {}
-        kept = row.get("metric_kept_pct")
-        cells.append(
-            [
-                str(row.get("name", "?")),
-                str(row.get("role", "")),
-                _human_count(row.get("params")),
-                _human_bytes(row.get("size_bytes")),
-                _times(row.get("compression")),
-                *[_number(values.get(name)) for name in metrics],
-                "-" if kept is None else f"{kept:.1f}%",
-                _number(row.get("agreement")),
-                _number(row.get("mean_kl")),
-                _number(row.get("latency_p50_ms"), 2),
-                _number(row.get("latency_p90_ms"), 2),
-                "-" if row.get("throughput") is None else f"{row['throughput']:.1f}",
-                _speedup_cell(row),
-            ]
-        )
-    return header, cells
-
-
-def _speedup_cell(row: Mapping[str, Any]) -> str:
-    """The speed-up with its interquartile range over the interleaved rounds, ``1.48x (1.41-1.55)``."""
-    text = _times(row.get("speedup"))
-    spread = row.get("speedup_iqr")
-    if row.get("role") == "teacher" or not spread or None in spread:
-        return text
-    return f"{text} ({spread[0]:.2f}-{spread[1]:.2f})"
-
-
-def compare_warnings(result: Mapping[str, Any]) -> list[str]:
-    """What makes a comparison's timings doubtful, one line each (a busy CPU, a model whose latency varied)."""
-    return [str(warning) for warning in result.get("warnings") or []]
-
-
-def format_compare_table(result: Mapping[str, Any]) -> str:
-    """An aligned plain-text table of a :func:`compare_models` result (what the CLI prints)."""
-    header, cells = compare_rows(result)
-    widths = [max(len(text) for text in column) for column in zip(header, *cells, strict=True)]
-
-    def line(texts: list[str]) -> str:
-        first = texts[0].ljust(widths[0])  # names left, numbers right
-        rest = [text.rjust(width) for text, width in zip(texts[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest]).rstrip()
-
-    separator = "  ".join("-" * width for width in widths)
-    return "\n".join([line(header), separator, *(line(row) for row in cells)])
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def _cka_markdown(result: Mapping[str, Any]) -> list[str]:
-    lines: list[str] = []
-    for row in result.get("models", []):
-        if not row.get("cka"):
-            continue
-        lines += ["", f"CKA with the teacher, {row['name']}:", "", "| teacher -> student | CKA |", "|---|---:|"]
-        lines += [f"| {_md_cell(pair)} | {_number(value)} |" for pair, value in row["cka"].items()]
-    return lines
-
-
-def compare_markdown(result: Mapping[str, Any]) -> str:
-    """A markdown table of a :func:`compare_models` result, followed by each student's CKA values."""
-    header, cells = compare_rows(result)
-    header = [_md_cell(text) for text in header]
-    cells = [[_md_cell(text) for text in row] for row in cells]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join([":---", ":---", *["---:"] * (len(header) - 2)]) + "|",
-        *("| " + " | ".join(row) + " |" for row in cells),
-    ]
-    notes = [f"> warning: {warning}" for warning in compare_warnings(result)]
-    return "\n".join(lines + _cka_markdown(result) + (["", *notes] if notes else [])) + "\n"
-
-
-def write_compare(result: Mapping[str, Any], directory: str | Path) -> tuple[Path, Path]:
-    """Write ``compare.json`` (the result, strict JSON) and ``compare.md`` (its markdown table) into ``directory``.
-
-    Both are written atomically (temporary file, then ``os.replace``), so a reader never sees half a file.
-
-    Returns:
-        The paths of ``compare.json`` and ``compare.md``.
-    """
-    directory = Path(directory)
-    json_path = atomic_write_text(directory / "compare.json", json.dumps(_finite(result), indent=2, allow_nan=False))
-    md_path = atomic_write_text(directory / "compare.md", "# Teacher vs students\n\n" + compare_markdown(result))
-    return json_path, md_path
+    result = {"teacher": teacher.name, "primary_metric": primary, "settings": settings, "models": rows}
+    if significance is not None:
+        for row in rows:
+            row["metrics_ci"] = {k: v["ci"] for k, v in significance["models"][row["name"]].items()}
+        result["significance"] = significance
+    return _finite({**result, "warnings": warnings})

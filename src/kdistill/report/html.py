@@ -30,7 +30,7 @@ from typing import Any
 
 from kdistill._io import atomic_write_text
 from kdistill.errors import KdistillError
-from kdistill.eval.compare import compare_markdown, compare_rows
+from kdistill.eval.compare_table import compare_markdown, compare_rows
 from kdistill.report.sections import evaluation_table, grid_table
 
 __all__ = ["build_report"]

@@ -210,6 +210,9 @@ def _compare(
         cka_layers=_cka_pairs(teacher_model, students) if cka else None,
         vocab_policy=str(config.distill.kd_kwargs.get("vocab_policy", "error")),
         reduce_batch=_next_token_stats if causal else None,
+        outcomes=getattr(task, "outcomes", None),
+        num_labels=len(task.label_names) if getattr(task, "label_names", None) else None,
+        seed=config.seed,
     )
 
 

@@ -18,7 +18,13 @@ from typing import Any
 import yaml
 
 from kdistill.config import RunConfig, load_config
-from kdistill.eval.compare import ModelEntry, compare_models, format_compare_table, write_compare
+from kdistill.eval.compare import (
+    ModelEntry,
+    compare_models,
+    compare_verdicts,
+    format_compare_table,
+    write_compare,
+)
 from kdistill.models.loading import load_model, load_tokenizer
 from kdistill.report.html import build_report
 from kdistill.runs.parts import build_parts, compare_batches
@@ -148,6 +154,9 @@ def run_demo(
         task_metric=lambda logits, b: task.compute_metrics(logits, b, parts.splits[split]),
         latency_batch_size=1,
         cka_layers=cka,
+        outcomes=task.outcomes,
+        num_labels=len(task.label_names),
+        seed=reference.seed,
     )
     result["demo"] = {
         "quick": quick,
@@ -159,6 +168,8 @@ def run_demo(
     report = build_report(out)
     print()
     print(format_compare_table(result))
+    for verdict in compare_verdicts(result):
+        print(verdict)
     print(f"\nreport: {report}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     (out / "demo.json").write_text(json.dumps(result["demo"], indent=2))

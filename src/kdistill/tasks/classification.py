@@ -146,13 +146,7 @@ class SequenceClassificationTask:
             batches: the batches the logits came from (their ``labels``).
             examples_meta: unused (the labels travel in the batches).
         """
-        predictions: list[int] = []
-        golds: list[int] = []
-        for logits, batch in zip(logits_per_batch, batches, strict=True):
-            labels = torch.as_tensor(batch["labels"]).cpu()
-            counted = labels != IGNORE_INDEX
-            predictions += logits[0].argmax(-1)[counted].tolist()
-            golds += labels[counted].tolist()
+        predictions, golds = self.outcomes(logits_per_batch, batches)
         if not golds:
             raise InvalidArgumentError("there are no labelled rows to score")
         num_labels = len(self.label_names) if self.label_names is not None else None
@@ -160,6 +154,20 @@ class SequenceClassificationTask:
             "accuracy": float(accuracy(predictions, golds)),
             "macro_f1": float(macro_f1(predictions, golds, num_labels=num_labels)),
         }
+
+    def outcomes(
+        self, logits_per_batch: Sequence[Sequence[torch.Tensor]], batches: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[int], list[int]]:
+        """The predicted and the gold class of every labelled row, in order: what the metrics are computed from, and
+        what a paired bootstrap resamples (:mod:`kdistill.eval.significance`)."""
+        predictions: list[int] = []
+        golds: list[int] = []
+        for logits, batch in zip(logits_per_batch, batches, strict=True):
+            labels = torch.as_tensor(batch["labels"]).cpu()
+            counted = labels != IGNORE_INDEX
+            predictions += logits[0].argmax(-1)[counted].tolist()
+            golds += labels[counted].tolist()
+        return predictions, golds
 
     def evaluate(
         self,
