@@ -21,6 +21,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TransferConfig(Strict):
+    """Unlabelled text the teacher labels: the student trains on it beside the labelled training split.
+
+    Its examples carry no gold label (no hard loss, KD and matches only); a run without a teacher (baseline,
+    train_teacher) leaves them out. Rows whose text is also in a validation or test split are dropped.
+    """
+
+    # "unused": the training rows that data.limit.train left out, labels dropped; or a packaged corpus / hub dataset
+    source: str | None = None
+    files: list[str] | None = None  # local .txt (one text per line), csv, json, jsonl, parquet or BIO files
+    split: str = "train"  # the split of a hub dataset to read
+    text_column: str | None = None  # default: data.text_column (and text_pair_column, tokens_column likewise)
+    text_pair_column: str | None = None
+    tokens_column: str | None = None
+    limit: int | None = Field(None, gt=0)  # at most this many rows (seeded shuffle first)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TransferConfig:
+        if (self.source is None) == (not self.files):
+            raise ValueError("data.transfer needs one of source ('unused', a corpus or hub dataset) or files")
+        return self
+
+
 class DataConfig(Strict):
     """Where the examples come from and which columns mean what."""
 
@@ -44,6 +67,7 @@ class DataConfig(Strict):
     max_length: int = Field(128, gt=0)  # tokens per example after truncation (causal_lm text: the block size)
     format: Literal["auto", "sft", "text"] = "auto"  # causal_lm: SFT records, or plain text packed into blocks
     system_prompt: str | None = None  # causal_lm SFT: a system turn put before every conversation
+    transfer: TransferConfig | None = None  # unlabelled text the teacher labels (classification, pairs, tokens)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -281,6 +305,15 @@ class RunConfig(Strict):
             raise ValueError("student.kind 'from_teacher' needs a teacher section to copy layers from")
         if self.teacher is not None and not self.teacher.is_model:
             self._check_self_distillation(self.teacher.kind)
+        if self.data.transfer is not None and self.task in ("question_answering", "causal_lm"):
+            raise ValueError(
+                f"data.transfer labels unlabelled text for classification, pairs and tokens, not {self.task}"
+                + (
+                    ": give prompts to kdistill generate (the teacher writes the completions)"
+                    if self.task == "causal_lm"
+                    else ": a span needs a question the text does not give"
+                )
+            )
         return self
 
     def _check_self_distillation(self, kind: str) -> None:

