@@ -111,3 +111,19 @@ def check_dir_target(out: str | Path, what: str) -> Path:
             where = "is a file" if path == out else f"is under {path}, which is a file"
             raise KdistillError(f"{what} {out} {where}; it must be a directory")
     return out
+
+
+# written beside a student whose vocabulary was trimmed: {"kept": pieces with their own id, "of": the teacher's}
+TRIMMED_VOCABULARY_FILE = "trimmed_vocabulary.json"
+
+
+def trimmed_vocabulary(directory: str | Path | None) -> dict[str, Any] | None:
+    """The record of a trimmed vocabulary saved in ``directory`` (None when there is none or it is unreadable)."""
+    if directory is None:
+        return None
+    path = Path(directory) / TRIMMED_VOCABULARY_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"kept", "of"} <= set(record) else None

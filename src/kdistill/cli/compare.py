@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     # imported here so that `kdistill --help` does not import torch
     from kdistill._io import check_dir_target
     from kdistill.errors import InvalidArgumentError
-    from kdistill.eval.compare import compare_verdicts, compare_warnings, format_compare_table, write_compare
+    from kdistill.eval.compare import compare_notes, compare_warnings, format_compare_table, write_compare
     from kdistill.runs.compare import compare_run, compare_targets
 
     overrides = [item for item in args.targets if "=" in item]
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             overrides=overrides,
         )
     print(format_compare_table(result))
-    for verdict in compare_verdicts(result):
+    for verdict in compare_notes(result):
         print(verdict)
     for warning in compare_warnings(result):
         print(f"warning: {warning}", file=sys.stderr)

@@ -24,6 +24,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.depth < 0:
         raise InvalidArgumentError(f"--depth must be >= 0 (0: the whole model, 1: its children), got {args.depth}")
-    model = load_any_model(model_dir(args.model))
+    from kdistill._io import trimmed_vocabulary
+
+    directory = model_dir(args.model)
+    model = load_any_model(directory)
     print(format_parameter_tree(parameter_tree(model, args.depth)))
+    record = trimmed_vocabulary(directory)
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if record and embedding is not None:
+        kept, of, width = int(record["kept"]), int(record["of"]), int(embedding.embedding_dim)
+        total = sum(p.numel() for p in model.parameters())
+        saved = (of - kept) * width
+        print(
+            f"vocabulary trimmed to {kept:,} of {of:,} word pieces: {saved:,} embedding parameters saved "
+            f"({total:,} in all instead of {total + saved:,}, {(total + saved) / total:.2f}x fewer)"
+        )
     return 0

@@ -198,6 +198,11 @@ class StudentConfig(Strict):
     embed_dim: int | None = Field(None, gt=0)  # birnn embedding size (default: the teacher's hidden size)
     vocab: Literal["teacher", "own"] = "teacher"  # birnn: the teacher's tokenizer or its own word vocabulary
     max_vocab: int = Field(20000, gt=0)
+    # keep only the embedding rows of the word pieces the training and transfer text uses (and the specials); the
+    # student's tokenizer is trimmed to match (WordPiece tokenizers; sequence classification)
+    trim_vocab: bool = False
+    trim_min_count: int = Field(1, gt=0)  # trim_vocab: pieces used fewer times read [UNK]
+    embed_rank: int | None = Field(None, gt=0)  # birnn: a factorized embedding of this rank (SVD of the teacher's)
     path: str | None = None  # pretrained: local directory or hub id
     gguf_file: str | None = None  # pretrained: a GGUF file inside path
     lora: LoraSpec | None = None  # causal_lm: train LoRA adapters (peft) on the student instead of all weights
@@ -305,6 +310,17 @@ class RunConfig(Strict):
             raise ValueError("student.kind 'from_teacher' needs a teacher section to copy layers from")
         if self.teacher is not None and not self.teacher.is_model:
             self._check_self_distillation(self.teacher.kind)
+        student = self.student
+        if student.trim_vocab and self.task != "sequence_classification":
+            raise ValueError(
+                f"student.trim_vocab trims sequence-classification students; with task {self.task} the student's "
+                "tokens must line up one to one with the teacher's, which a renumbered vocabulary does not give yet"
+            )
+        if student.trim_vocab and student.kind in ("bilstm", "bigru") and student.vocab == "own":
+            raise ValueError("student.trim_vocab trims the teacher's vocabulary; vocab: own is already the "
+                             "training text's words (see student.max_vocab)")  # fmt: skip
+        if student.embed_rank is not None and student.kind not in ("bilstm", "bigru"):
+            raise ValueError(f"student.embed_rank factorizes a BiRNN's embedding, not a {student.kind} student's")
         if self.data.transfer is not None and self.task in ("question_answering", "causal_lm"):
             raise ValueError(
                 f"data.transfer labels unlabelled text for classification, pairs and tokens, not {self.task}"

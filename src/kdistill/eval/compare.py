@@ -29,12 +29,14 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
+from kdistill._io import trimmed_vocabulary
 from kdistill.core.views import student_inputs, teacher_inputs
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.eval.cka import layer_cka
 from kdistill.eval.compare_table import (
     _finite,
     compare_markdown,
+    compare_notes,
     compare_verdicts,
     compare_warnings,
     format_compare_table,
@@ -58,6 +60,7 @@ __all__ = [
     "ModelEntry",
     "compare_markdown",
     "compare_models",
+    "compare_notes",
     "compare_verdicts",
     "compare_warnings",
     "format_compare_table",
@@ -195,6 +198,22 @@ def _slice_batch(batch: Mapping[str, Any], size: int) -> dict[str, Any]:
         else:
             sliced[key] = value
     return sliced
+
+
+def _input_embedding(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return embedding if isinstance(embedding, nn.Module) else None
+
+
+def _embedding_params(model: nn.Module) -> int | None:
+    """The input embedding's parameters (with a factorized embedding's map), None when there is no embedding."""
+    embedding = _input_embedding(model)
+    if embedding is None:
+        return None
+    up = getattr(model, "embedding_up", None)
+    modules = [embedding] + ([up] if isinstance(up, nn.Module) else [])
+    return sum(p.numel() for module in modules for p in module.parameters())
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -352,6 +371,9 @@ def compare_models(
                 "role": role,
                 "path": entry.path,
                 "params": count_parameters(entry.model),
+                "embedding_params": _embedding_params(entry.model),
+                "vocabulary": trimmed_vocabulary(entry.path),
+                "embedding_width": getattr(_input_embedding(entry.model), "embedding_dim", None),
                 "size_bytes": size_on_disk(entry.path, entry.model),
                 "metrics": {key: float(value) for key, value in metrics.items()},
                 "agreement": agreement,

@@ -118,6 +118,23 @@ def compare_verdicts(result: Mapping[str, Any]) -> list[str]:
     return verdicts(significance, metric if metric in ("accuracy", "macro_f1") else "accuracy")
 
 
+def compare_notes(result: Mapping[str, Any]) -> list[str]:
+    """The verdicts (:func:`compare_verdicts`), then what each trimmed vocabulary saved, one line each."""
+    notes = compare_verdicts(result)
+    for row in result.get("models", []):
+        vocabulary, embedding, width = row.get("vocabulary"), row.get("embedding_params"), row.get("embedding_width")
+        if not vocabulary or not embedding or not width:
+            continue
+        kept, of = int(vocabulary["kept"]), int(vocabulary["of"])
+        untrimmed = embedding + (of - kept) * int(width)  # the same embedding with a row for every piece
+        notes.append(
+            f"{row['name']}: vocabulary trimmed to {kept:,} of {of:,} word pieces; its embedding holds "
+            f"{_human_count(embedding)} of its {_human_count(row.get('params'))} parameters (untrimmed: "
+            f"{_human_count(untrimmed)}, {_human_count(row.get('params', 0) + untrimmed - embedding)} in all)"
+        )
+    return notes
+
+
 def compare_warnings(result: Mapping[str, Any]) -> list[str]:
     """What makes a comparison's timings doubtful, one line each (a busy CPU, a model whose latency varied)."""
     return [str(warning) for warning in result.get("warnings") or []]
@@ -161,7 +178,7 @@ def compare_markdown(result: Mapping[str, Any]) -> str:
         "|" + "|".join([":---", ":---", *["---:"] * (len(header) - 2)]) + "|",
         *("| " + " | ".join(row) + " |" for row in cells),
     ]
-    notes = [f"- {verdict}" for verdict in compare_verdicts(result)]
+    notes = [f"- {note}" for note in compare_notes(result)]
     notes += [f"> warning: {warning}" for warning in compare_warnings(result)]
     return "\n".join(lines + _cka_markdown(result) + (["", *notes] if notes else [])) + "\n"
 

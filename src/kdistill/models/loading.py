@@ -208,13 +208,24 @@ def with_adapter(model: nn.Module, adapter: str, field_name: str = "teacher.adap
 def check_vocab(model: nn.Module, tokenizer: Tokenizer, field_name: str) -> None:
     """A tokenizer whose ids run past the model's embedding rows would fail deep inside torch: refuse it here."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
+    size = _id_count(tokenizer)
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and size is not None and rows < size:
         raise VocabMismatchError(
             f"{field_name}: the model's vocabulary has {rows} entries but its tokenizer has {size}; give the model "
             "its own tokenizer, or a tokenizer whose ids fit"
         )
+
+
+def _id_count(tokenizer: Tokenizer) -> int | None:
+    """One more than the largest id the tokenizer gives (a trimmed vocabulary's dropped pieces share [UNK]'s id, so
+    this can be less than ``len(tokenizer)``)."""
+    get_vocab = getattr(tokenizer, "get_vocab", None)
+    if callable(get_vocab):
+        vocab = get_vocab()
+        if isinstance(vocab, dict) and vocab:
+            return 1 + max(int(i) for i in vocab.values())
+    return len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)
 
 
 def load_any_model(path: str) -> nn.Module:

@@ -21,7 +21,7 @@ from kdistill.config import RunConfig, load_config
 from kdistill.eval.compare import (
     ModelEntry,
     compare_models,
-    compare_verdicts,
+    compare_notes,
     format_compare_table,
     write_compare,
 )
@@ -168,7 +168,7 @@ def run_demo(
     report = build_report(out)
     print()
     print(format_compare_table(result))
-    for verdict in compare_verdicts(result):
+    for verdict in compare_notes(result):
         print(verdict)
     print(f"\nreport: {report}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")

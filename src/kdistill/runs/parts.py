@@ -22,6 +22,13 @@ from kdistill.errors import InvalidArgumentError, KdistillError
 from kdistill.features import num_layers
 from kdistill.models.loading import check_vocab, load_model, load_tokenizer, resolve_model_path
 from kdistill.models.students import build_student
+from kdistill.models.vocab import (
+    embedding_parameters,
+    factorize_embedding,
+    trim_embeddings,
+    trim_tokenizer,
+    used_token_ids,
+)
 from kdistill.runs.data import Examples, load_data, preprocess_splits
 from kdistill.runs.teacher import load_teacher
 from kdistill.runs.transfer import load_transfer, transfer_examples
@@ -148,7 +155,7 @@ def build_student_for(
         )
         tokenizer = load_tokenizer(path, "student.path", gguf_file=spec.gguf_file)
         check_vocab(model, tokenizer, "student.path")
-        return model, tokenizer
+        return _smaller(config, model, tokenizer, train_split, transfer_rows)
     tokenizer = teacher_tokenizer
     vocab: str | WordTokenizer = "teacher"
     if spec.kind in ("bilstm", "bigru") and spec.vocab == "own":
@@ -171,6 +178,38 @@ def build_student_for(
         seed=config.seed,
         label_names=list(label_names) if label_names else None,
     )
+    return _smaller(config, student, tokenizer, train_split, transfer_rows)
+
+
+def _smaller(
+    config: RunConfig,
+    student: nn.Module,
+    tokenizer: Tokenizer,
+    train_split: Dataset,
+    transfer_rows: list[dict[str, Any]] | None,
+) -> tuple[nn.Module, Tokenizer]:
+    """The student with its vocabulary trimmed to its text's and its BiRNN embedding factorized, as asked."""
+    spec = config.student
+    if spec.trim_vocab:
+        before, size = embedding_parameters(student), len(tokenizer)
+        texts = _training_texts(config, train_split, transfer_rows)
+        words = config.task == "token_classification"
+        keep = used_token_ids(tokenizer, texts, split_into_words=words, min_count=spec.trim_min_count)
+        trim_embeddings(student, keep)
+        tokenizer = trim_tokenizer(tokenizer, keep)
+        print(
+            f"student vocabulary trimmed to the {len(keep):,} of {size:,} word pieces its training"
+            f"{' and transfer' if transfer_rows else ''} text uses"
+            + (f" {spec.trim_min_count}+ times" if spec.trim_min_count > 1 else "")
+            + f" (with the specials; the rest read [UNK]): embedding {before:,} → "
+            f"{embedding_parameters(student):,} parameters"
+        )
+    if spec.embed_rank is not None:
+        before = embedding_parameters(student)
+        factorize_embedding(student, spec.embed_rank)
+        print(
+            f"student embedding factorized at rank {spec.embed_rank}: {before:,} → {embedding_parameters(student):,}"
+        )
     return student, tokenizer
 
 
@@ -206,11 +245,11 @@ def build_parts(config: RunConfig) -> RunParts:
             )
         extra_teachers.append(model)
     transfer_rows = None
-    if config.data.transfer is not None:
-        if config.mode == "distill":
-            transfer_rows = load_transfer(config, splits)
-        else:
-            print(f"data.transfer is left out: a {config.mode} run has no teacher to label it")
+    if config.data.transfer is not None and config.mode != "train_teacher":
+        if config.mode == "distill" or config.student.trim_vocab:
+            transfer_rows = load_transfer(config, splits)  # a baseline's trimmed vocabulary is the same student's
+        if config.mode != "distill":
+            print(f"data.transfer is left out of training: a {config.mode} run has no teacher to label it")
     student = None
     if config.mode != "train_teacher":
         set_seed(config.seed)  # the student's fresh weights do not depend on whether the teacher was cached
@@ -221,7 +260,7 @@ def build_parts(config: RunConfig) -> RunParts:
         student_tokenizer = teacher_tokenizer
     other = teacher_tokenizer if config.mode == "distill" else None
     train_examples, eval_examples = preprocess_splits(config, task, splits, student_tokenizer, other)
-    if transfer_rows:
+    if transfer_rows and config.mode == "distill":
         first_id = 1 + max(int(example["example_id"]) for example in train_examples)
         train_examples += transfer_examples(config, task, transfer_rows, student_tokenizer, other, first_id)
     return RunParts(

@@ -51,7 +51,8 @@ def model_dir(target: str, field: str = "model") -> str:
 
 def parts_with_model(config: RunConfig, model_path: str) -> RunParts:
     """The config's task and data, with the pretrained model at ``model_path`` as the model evaluated (``student``)."""
-    student = config.student.model_copy(update={"kind": "pretrained", "path": model_path})
+    finished = {"kind": "pretrained", "path": model_path, "trim_vocab": False, "embed_rank": None}  # as saved
+    student = config.student.model_copy(update=finished)
     return build_parts(config.model_copy(update={"mode": "baseline", "teacher": None, "student": student}))
 
 

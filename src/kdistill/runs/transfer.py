@@ -62,7 +62,6 @@ def load_transfer(config: RunConfig, splits: DatasetDict) -> list[Row]:
     print(
         f"transfer set: {len(kept):,} unlabelled rows from {where}"
         + (f" ({dropped:,} dropped: their text is in a validation or test split)" if dropped else "")
-        + "; the teacher labels them"
     )
     return kept
 
