@@ -84,19 +84,20 @@ def test_a_factorized_embedding_is_the_truncated_svd_and_saves(tmp_path):
     torch.manual_seed(0)
     model = BiRNNClassifier(BiRNNConfig(vocab_size=50, num_labels=3, embedding_dim=24, hidden_size=8))
     weight = model.embedding.weight.detach().double().clone()
-    factorize_embedding(model, 6)
-    ids = torch.arange(50)
-    got = model.embedding_up(model.embedding(ids)).detach().double()
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # Eckart-Young: the best rank-6 approximation
-    best = (u[:, :6] * s[:6]) @ vh[:6]
-    torch.testing.assert_close(got, best, rtol=0, atol=5e-5)
-    assert float((got - weight).norm()) == pytest.approx(float(s[6:].pow(2).sum().sqrt()), rel=1e-4)
-    model.save_pretrained(tmp_path / "rnn")
-    assert json.loads((tmp_path / "rnn" / "config.json").read_text())["embedding_rank"] == 6
+    small = factorize_embedding(model, 6, seed=3)
+    assert small.config.embedding_dim == 6 and small.rnn.module.input_size == 6
+    rows = small.embedding.weight.detach().double()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # Eckart-Young: rows @ V_r^T is the best rank-6 fit
+    torch.testing.assert_close(rows @ vh[:6], (u[:, :6] * s[:6]) @ vh[:6], rtol=0, atol=5e-5)
+    assert float((rows @ vh[:6] - weight).norm()) == pytest.approx(float(s[6:].pow(2).sum().sqrt()), rel=1e-4)
+    again = factorize_embedding(model, 6, seed=3)  # the fresh recurrent layer is seeded
+    torch.testing.assert_close(again.rnn.module.weight_ih_l0, small.rnn.module.weight_ih_l0)
+    small.save_pretrained(tmp_path / "rnn")
+    assert json.loads((tmp_path / "rnn" / "config.json").read_text())["embedding_dim"] == 6
     loaded = BiRNNClassifier.from_pretrained(tmp_path / "rnn")
     batch = torch.randint(0, 50, (2, 7))
-    model.eval()
-    torch.testing.assert_close(loaded(batch).logits, model(batch).logits)
+    small.eval()
+    torch.testing.assert_close(loaded(batch).logits, small(batch).logits)
     with pytest.raises(InvalidArgumentError, match="between 1 and the embedding size"):
         factorize_embedding(loaded, 6)
 

@@ -219,7 +219,13 @@ def test_compare_of_a_token_classification_run(world, capsys):
         main(["compare", str(world["ner_run"]), "--split", "test", "--out", str(world["root"] / "ner-compare")]) == 0
     )
     scores = json.loads((world["root"] / "ner-compare" / "compare.json").read_text())
-    assert scores
+    assert scores["significance"]["examples"] > 0  # resampled by sentence
+    for row in scores["models"]:  # each model's entity F1 with its interval, the point from the same counts
+        interval = scores["significance"]["models"][row["name"]]["f1"]
+        assert interval["value"] == pytest.approx(row["metrics"]["f1"], abs=1e-12)
+        assert (
+            row["metrics_ci"]["f1"] == interval["ci"] and interval["ci"][0] <= interval["value"] <= interval["ci"][1]
+        )
 
 
 def test_there_are_enough_kinds_of_bad_input(world):

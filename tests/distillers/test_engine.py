@@ -452,3 +452,22 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
     assert next(teacher.parameters()).dtype == torch.bfloat16
     assert next(student.parameters()).dtype == torch.float32
     assert all(math.isfinite(v) for r in result.history for k, v in r.items() if k.startswith("train/"))
+
+
+def test_grouping_by_length_is_a_seeded_permutation_with_less_padding():
+    from kdistill.training.loop import EpochSampler
+
+    lengths = [3 + (7 * i) % 46 for i in range(500)]
+    grouped = EpochSampler(500, seed=1, lengths=lengths, batch_size=16)
+    order = list(grouped)
+    assert sorted(order) == list(range(500)) and order == list(EpochSampler(500, 1, lengths=lengths, batch_size=16))
+    grouped.set_epoch(1)
+    assert list(grouped) != order  # another epoch, another order
+
+    def padded(order: list[int]) -> int:
+        return sum(max(lengths[i] for i in order[k : k + 16]) * len(order[k : k + 16]) for k in range(0, 500, 16))
+
+    shuffled = list(EpochSampler(500, seed=1))
+    assert padded(order) < 0.75 * padded(shuffled)
+    with pytest.raises(InvalidArgumentError, match="3 lengths for 500 examples"):
+        EpochSampler(500, 1, lengths=[1, 2, 3])

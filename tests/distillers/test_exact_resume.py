@@ -25,17 +25,18 @@ def _distiller() -> tuple[Distiller, nn.Module]:
     return Distiller(student, teacher, objective), student
 
 
-def _config(out, resume: bool = False) -> TrainConfig:
+def _config(out, resume: bool = False, group: bool = False) -> TrainConfig:
     # 22 examples, micro-batches of 3, accumulation 2: 4 optimizer steps per epoch (the last one short), 3 epochs
     return TrainConfig(output_dir=str(out), num_epochs=3, batch_size=3, gradient_accumulation_steps=2,
                        learning_rate=3e-3, save_every=2, keep_last=3, resume=resume, progress=False, log_with=(),
-                       seed=5)  # fmt: skip
+                       seed=5, group_by_length=group)  # fmt: skip
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights_with_dropout(tmp_path, monkeypatch):
+@pytest.mark.parametrize("group", [False, True], ids=["shuffled", "grouped-by-length"])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights_with_dropout(tmp_path, monkeypatch, group):
     examples = toy_examples(22, seed=4, min_len=2, max_len=14)
     whole, whole_student = _distiller()
-    train(whole, examples, _config(tmp_path / "whole"))
+    train(whole, examples, _config(tmp_path / "whole", group=group))
 
     broken, _ = _distiller()
     original, calls = Distiller.after_step, []
@@ -48,10 +49,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights_with_dropou
 
     monkeypatch.setattr(Distiller, "after_step", crash_at_step_6)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(broken, examples, _config(tmp_path / "resumed"))
+        train(broken, examples, _config(tmp_path / "resumed", group=group))
     monkeypatch.setattr(Distiller, "after_step", original)
     resumed, resumed_student = _distiller()
-    train(resumed, examples, _config(tmp_path / "resumed", resume=True))
+    train(resumed, examples, _config(tmp_path / "resumed", resume=True, group=group))
 
     expected, got = flat_state(whole_student), flat_state(resumed_student)
     assert expected.keys() == got.keys()

@@ -8,12 +8,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from kdistill.eval.metrics import accuracy, macro_f1
+from kdistill.eval.metrics import accuracy, entity_f1, get_entities, macro_f1
 from kdistill.eval.significance import (
     bootstrap_indices,
     classification_scores,
+    entity_count_scores,
     mcnemar,
     paired_comparison,
+    paired_count_comparison,
     verdicts,
 )
 
@@ -81,3 +83,49 @@ def test_paired_intervals_tell_a_real_difference_from_noise():
     assert paired_comparison(models, gold, resamples=500, seed=0) == paired_comparison(
         models, gold, resamples=500, seed=0
     )  # seeded: the same intervals every run
+
+
+def _tagged(n: int, p_right: float, seed: int) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold BIO sentences and predictions that keep each gold tag with probability ``p_right``."""
+    rng = np.random.default_rng(seed)
+    tags = ["O", "O", "O", "B-PER", "I-PER", "B-LOC"]
+    gold = [[str(t) for t in rng.choice(tags, int(rng.integers(3, 9)))] for _ in range(n)]
+    pred = [[t if rng.random() < p_right else str(rng.choice(tags)) for t in sentence] for sentence in gold]
+    return gold, pred
+
+
+def _counts(gold: list[list[str]], pred: list[list[str]]) -> np.ndarray:
+    rows = []
+    for g, p in zip(gold, pred, strict=True):
+        ge, pe = set(get_entities(g)), set(get_entities(p))
+        rows.append([len(ge & pe), len(pe), len(ge), sum(a == b for a, b in zip(g, p, strict=True)), len(g)])
+    return np.array(rows)
+
+
+def test_entity_scores_from_sentence_counts_equal_entity_f1_on_each_resample():
+    gold, pred = _tagged(60, 0.8, seed=1)
+    counts = _counts(gold, pred)
+    indices = bootstrap_indices(len(gold), resamples=5, seed=2)
+    scores = entity_count_scores(counts, indices)
+    for row, picked in enumerate(indices):
+        expected = entity_f1([gold[i] for i in picked], [pred[i] for i in picked])  # sentences renumbered
+        words = [(a, b) for i in picked for a, b in zip(gold[i], pred[i], strict=True)]
+        assert scores["f1"][row] == pytest.approx(expected["f1"], abs=1e-12)
+        assert scores["precision"][row] == pytest.approx(expected["precision"], abs=1e-12)
+        assert scores["accuracy"][row] == pytest.approx(sum(a == b for a, b in words) / len(words), abs=1e-12)
+
+
+def test_paired_count_comparison_tells_a_better_tagger_from_noise():
+    gold, strong = _tagged(300, 0.95, seed=3)
+    _, weak = _tagged(300, 0.6, seed=3)
+    twin = [[t if np.random.default_rng(i).random() < 0.95 else "O" for t in g] for i, g in enumerate(gold)]
+    result = paired_count_comparison(
+        {"strong": _counts(gold, strong), "weak": _counts(gold, weak), "twin": _counts(gold, twin)}, seed=0
+    )
+    assert result["models"]["strong"]["f1"]["value"] == pytest.approx(entity_f1(gold, strong)["f1"])
+    pairs = {(p["a"], p["b"], p["metric"]): p for p in result["pairs"]}
+    assert pairs[("strong", "weak", "f1")]["beyond_noise"] and pairs[("strong", "weak", "f1")]["ci"][0] > 0
+    assert "mcnemar_p" not in pairs[("strong", "weak", "accuracy")]
+    low, high = result["models"]["strong"]["f1"]["ci"]
+    assert low < result["models"]["strong"]["f1"]["value"] < high
+    assert any("beats" in line for line in verdicts(result, "f1"))

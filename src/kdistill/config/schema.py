@@ -44,6 +44,59 @@ class TransferConfig(Strict):
         return self
 
 
+class ParaphraseConfig(Strict):
+    """Generative augmentation: a local causal LM rewrites training texts (through kdistill generate's path)."""
+
+    model: str = "packaged:SmolLM2-135M-Instruct"  # a causal LM: directory, hub id or packaged:NAME
+    gguf_file: str | None = None
+    prompt: str = (
+        "Rewrite the following text in other words, keeping its meaning and tone. Reply with the rewritten text "
+        "only.\n\n{text}"
+    )
+    count: int = Field(1, gt=0)  # paraphrases per text
+    limit: int | None = Field(None, gt=0)  # at most this many training texts are paraphrased (seeded choice)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.9, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    batch_size: int = Field(8, gt=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _has_text(cls, value: str) -> str:
+        if "{text}" not in value:
+            raise ValueError("data.augment.paraphrase.prompt must contain {text}, where the training text goes")
+        return value
+
+
+class AugmentConfig(Strict):
+    """Augmented copies of the training texts, which the teacher labels (the student never sees a gold label for
+    one): rule-based operators (Tang et al. 2019) and optionally paraphrases written by a local causal LM."""
+
+    copies: int = Field(2, ge=0)  # rule-based copies per training text (0: paraphrases only)
+    p_mask: float = Field(0.1, ge=0, le=1)  # a word becomes the mask token
+    p_replace: float = Field(0.1, ge=0, le=1)  # a word becomes a replacement (see replace_with)
+    p_ngram: float = Field(0.25, ge=0, le=1)  # only a random window of n words is kept
+    ngram_range: tuple[int, int] = (1, 5)
+    # "mlm": the teacher's masked-LM head predicts the replacement; "neighbour": a nearest word in the teacher's
+    # embedding space; "auto": mlm when the teacher's weights hold a masked-LM head, else neighbour
+    replace_with: Literal["auto", "mlm", "neighbour"] = "auto"
+    neighbours: int = Field(10, gt=0)  # candidates per word (nearest words, or the head's top predictions)
+    limit: int | None = Field(None, gt=0)  # at most this many training texts are augmented (seeded choice)
+    paraphrase: ParaphraseConfig | None = None
+    seed: int | None = None  # default: data.seed
+
+    @model_validator(mode="after")
+    def _something(self) -> AugmentConfig:
+        if self.p_mask + self.p_replace > 1:
+            raise ValueError(f"data.augment.p_mask + p_replace must be at most 1, got {self.p_mask + self.p_replace}")
+        low, high = self.ngram_range
+        if not 1 <= low <= high:
+            raise ValueError(f"data.augment.ngram_range must be [low, high] with 1 <= low <= high, got {low, high}")
+        if self.copies == 0 and self.paraphrase is None:
+            raise ValueError("data.augment makes nothing: copies is 0 and there is no paraphrase section")
+        return self
+
+
 class DataConfig(Strict):
     """Where the examples come from and which columns mean what."""
 
@@ -68,6 +121,7 @@ class DataConfig(Strict):
     format: Literal["auto", "sft", "text"] = "auto"  # causal_lm: SFT records, or plain text packed into blocks
     system_prompt: str | None = None  # causal_lm SFT: a system turn put before every conversation
     transfer: TransferConfig | None = None  # unlabelled text the teacher labels (classification, pairs, tokens)
+    augment: AugmentConfig | None = None  # augmented training texts the teacher labels
     seed: int = 0
 
     @model_validator(mode="after")
@@ -114,6 +168,7 @@ class TrainingConfig(Strict):
     early_stopping_patience: int | None = Field(None, gt=0)
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
+    group_by_length: bool = False  # batches of examples of similar length (less padding), in a seeded order
     # what trains: "engine" (kdistill's accelerate loop) or "trainer" (DistillationTrainer, transformers.Trainer;
     # task causal_lm only); null: the task's default (trainer for causal_lm, engine for the others)
     backend: Literal["engine", "trainer"] | None = None
@@ -321,6 +376,8 @@ class RunConfig(Strict):
                              "training text's words (see student.max_vocab)")  # fmt: skip
         if student.embed_rank is not None and student.kind not in ("bilstm", "bigru"):
             raise ValueError(f"student.embed_rank factorizes a BiRNN's embedding, not a {student.kind} student's")
+        if self.data.augment is not None and self.task in ("question_answering", "causal_lm"):
+            raise ValueError(f"data.augment makes classification, pair and token texts, not {self.task} examples")
         if self.data.transfer is not None and self.task in ("question_answering", "causal_lm"):
             raise ValueError(
                 f"data.transfer labels unlabelled text for classification, pairs and tokens, not {self.task}"

@@ -42,7 +42,7 @@ from kdistill.eval.compare_table import (
     format_compare_table,
     write_compare,
 )
-from kdistill.eval.significance import paired_comparison
+from kdistill.eval.significance import paired_comparison, paired_count_comparison
 from kdistill.eval.speed import (
     count_parameters,
     cpu_contention,
@@ -69,6 +69,7 @@ __all__ = [
 
 TaskMetric = Callable[[list[list[torch.Tensor]], list[dict]], Mapping[str, float]]
 Outcomes = Callable[[list[list[torch.Tensor]], list[dict]], tuple[Sequence[int], Sequence[int]]]
+SentenceCounts = Callable[[list[list[torch.Tensor]], list[dict]], Sequence[Sequence[int]]]
 
 # Metric names (substrings) where lower is better: "kept" is then teacher / student instead of student / teacher.
 _LOWER_IS_BETTER = ("perplexity", "ppl", "loss", "nll", "error")
@@ -207,13 +208,9 @@ def _input_embedding(model: nn.Module) -> nn.Module | None:
 
 
 def _embedding_params(model: nn.Module) -> int | None:
-    """The input embedding's parameters (with a factorized embedding's map), None when there is no embedding."""
+    """The input embedding's parameters, None when there is no embedding."""
     embedding = _input_embedding(model)
-    if embedding is None:
-        return None
-    up = getattr(model, "embedding_up", None)
-    modules = [embedding] + ([up] if isinstance(up, nn.Module) else [])
-    return sum(p.numel() for module in modules for p in module.parameters())
+    return None if embedding is None else sum(p.numel() for p in embedding.parameters())
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -245,6 +242,7 @@ def compare_models(
     reduce_batch: Callable[[list[torch.Tensor], Mapping[str, Any]], list[torch.Tensor]] | None = None,
     outcomes: Outcomes | None = None,
     num_labels: int | None = None,
+    sentence_counts: SentenceCounts | None = None,
     bootstrap_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -274,6 +272,9 @@ def compare_models(
             interval (``bootstrap_resamples``, seeded with ``seed``), each pair of students the interval of their
             difference and McNemar's test, under ``"significance"`` (see :mod:`kdistill.eval.significance`).
         num_labels: the classes ``0..num_labels-1`` for macro F1 in those intervals.
+        sentence_counts: ``(per-batch logits lists, batches) -> per-sentence counts`` (a token-classification task's
+            ``sentence_counts``): the same intervals for entity F1, precision, recall and word accuracy, resampled
+            by sentence.
 
     Returns:
         A JSON-able dict (see the module docstring). ``agreement`` is the fraction of counted positions where
@@ -333,7 +334,12 @@ def compare_models(
         )
     warnings = [w for w in [cpu_contention(usage.get("others_share"))] if w]
     significance = None
-    if outcomes is not None and task_metric is not None:
+    if sentence_counts is not None and task_metric is not None:
+        counted = {entry.name: sentence_counts(stored[entry.name], list(batches)) for entry in entries}
+        significance = paired_count_comparison(
+            counted, compare=[entry.name for entry in students], resamples=bootstrap_resamples, seed=seed
+        )
+    elif outcomes is not None and task_metric is not None:
         predicted: dict[str, Sequence[int]] = {}
         labels: Sequence[int] = []
         for entry in entries:

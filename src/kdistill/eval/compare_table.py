@@ -114,8 +114,11 @@ def compare_verdicts(result: Mapping[str, Any]) -> list[str]:
     significance = result.get("significance")
     if not significance:
         return []
-    metric = result.get("primary_metric") or "accuracy"
-    return verdicts(significance, metric if metric in ("accuracy", "macro_f1") else "accuracy")
+    available = {pair["metric"] for pair in significance.get("pairs", [])}
+    primary = result.get("primary_metric") or "accuracy"
+    # entity F1 for token classification (its first metric is precision), else the primary metric, else accuracy
+    metric = "f1" if "f1" in available else primary if primary in available else "accuracy"
+    return verdicts(significance, metric)
 
 
 def compare_notes(result: Mapping[str, Any]) -> list[str]:

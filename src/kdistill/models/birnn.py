@@ -38,7 +38,6 @@ class BiRNNConfig:
     task: str = "sequence"  # "sequence": logits (B, C); "token": logits (B, T, C)
     pad_token_id: int = 0  # the embedding row kept at zero gradient
     label_names: list[str] | None = None  # class names, index = label id
-    embedding_rank: int | None = None  # factorized embedding: vocab_size × rank rows, then a rank → embedding_dim map
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "num_labels", "embedding_dim", "hidden_size", "num_layers"):
@@ -54,13 +53,6 @@ class BiRNNConfig:
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise InvalidArgumentError(
                 f"BiRNNConfig.pad_token_id {self.pad_token_id} is outside the vocabulary of {self.vocab_size} ids"
-            )
-        rank = self.embedding_rank
-        if rank is not None and (
-            not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < self.embedding_dim
-        ):
-            raise InvalidArgumentError(
-                f"BiRNNConfig.embedding_rank must be an integer from 1 to {self.embedding_dim - 1}, got {rank!r}"
             )
         if self.label_names is not None and len(self.label_names) != self.num_labels:
             raise InvalidArgumentError(
@@ -127,10 +119,7 @@ class BiRNNClassifier(nn.Module):
     def __init__(self, config: BiRNNConfig) -> None:
         super().__init__()
         self.config = config
-        width = config.embedding_rank or config.embedding_dim
-        self.embedding = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
-        if config.embedding_rank is not None:  # ALBERT's factorization: V × r rows, then r → E
-            self.embedding_up = nn.Linear(config.embedding_rank, config.embedding_dim, bias=False)
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.pad_token_id)
         self.rnn = MaskedBiRNN(config)
         self.dropout = nn.Dropout(config.dropout)
         self.classifier = nn.Linear(2 * config.hidden_size, config.num_labels)
@@ -153,9 +142,7 @@ class BiRNNClassifier(nn.Module):
         Returns:
             ``logits`` ``(B, C)`` or ``(B, T, C)``, ``loss`` when ``labels`` are given, optional ``hidden_states``.
         """
-        embedded = self.embedding(input_ids)  # (B, T, E), or (B, T, r) factorized
-        if self.config.embedding_rank is not None:
-            embedded = self.embedding_up(embedded)  # (B, T, E)
+        embedded = self.embedding(input_ids)  # (B, T, E)
         states = self.rnn(self.dropout(embedded), attention_mask)  # (B, T, 2H)
         if self.config.task == "token":
             logits = self.classifier(self.dropout(states))  # (B, T, C)
@@ -180,7 +167,7 @@ class BiRNNClassifier(nn.Module):
         return torch.where(mask.any(1), pooled, torch.zeros_like(pooled))  # empty rows pool to zeros
 
     def get_input_embeddings(self) -> nn.Embedding:
-        """The word embedding ``(vocab_size, embedding_dim)`` (``(vocab_size, embedding_rank)`` factorized)."""
+        """The word embedding ``(vocab_size, embedding_dim)``."""
         return self.embedding
 
     def num_parameters(self, only_trainable: bool = False) -> int:

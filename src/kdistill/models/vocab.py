@@ -14,13 +14,14 @@ per id, so the trimmed tokenizer's ``save_pretrained`` writes its own ``tokenize
 again by plain ``transformers`` loses the aliases, and words built from dropped pieces then read as one
 ``[UNK]``.)
 
-:func:`factorize_embedding` replaces a BiRNN's ``V × D`` embedding by ``V × r`` rows and an ``r × D`` map
-(ALBERT's factorization), initialized from the truncated SVD of the embedding it replaces, so the student still
-starts from the teacher's word vectors.
+:func:`factorize_embedding` gives a BiRNN the ``V × r`` rows of a truncated SVD of the teacher's embedding (ALBERT's
+factorization, whose ``r × D`` map folds into the recurrent layer's input weights), so the student still starts
+from the teacher's word vectors at a fraction of their size and of the recurrence's cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections import Counter
@@ -177,31 +178,35 @@ def trim_embeddings(model: nn.Module, keep: Sequence[int]) -> nn.Module:
     return model
 
 
-def factorize_embedding(model: nn.Module, rank: int) -> nn.Module:
-    """Replace a BiRNN's ``V × D`` embedding by ``V × rank`` rows and a ``rank × D`` map (in place), initialized
-    from its truncated SVD (the best rank-``rank`` approximation of the rows it replaces)."""
-    if not hasattr(model, "rnn") or not hasattr(model, "embedding"):
+def factorize_embedding(model: nn.Module, rank: int, seed: int = 0) -> nn.Module:
+    """A BiRNN like ``model`` whose embedding is ``model``'s ``V × D`` rows projected on their top ``rank``
+    principal directions (truncated SVD: ``U_r S_r``, ``V × rank``), its recurrent layer reading ``rank`` features.
+
+    ALBERT factorizes an embedding as ``V × r`` rows times an ``r × D`` map; before a recurrent layer, whose
+    first operation on its input is linear, that map folds into the layer's input weights, so the student keeps
+    the rows alone (the same functions, ``r × D`` fewer parameters, a cheaper recurrence). The recurrent layer and
+    the head are drawn afresh from ``seed`` (they were untrained).
+    """
+    from kdistill.models.birnn import BiRNNClassifier
+
+    if not isinstance(model, BiRNNClassifier):
         raise InvalidArgumentError("student.embed_rank applies to BiRNN students (bilstm, bigru)")
     weight = model.embedding.weight.detach().float()
-    vocab, dim = weight.shape
+    dim = weight.shape[1]
     if not 0 < rank < dim:
         raise InvalidArgumentError(
             f"student.embed_rank must be between 1 and the embedding size {dim - 1}, got {rank}"
         )
-    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    rows = u[:, :rank] * s[:rank]  # (V, r)
-    pad = model.config.pad_token_id
-    model.embedding = nn.Embedding(vocab, rank, padding_idx=pad)
-    model.embedding_up = nn.Linear(rank, dim, bias=False)
+    u, s, _ = torch.linalg.svd(weight, full_matrices=False)
+    config = dataclasses.replace(model.config, embedding_dim=rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        smaller = BiRNNClassifier(config)
     with torch.no_grad():
-        model.embedding.weight.copy_(rows)
-        model.embedding_up.weight.copy_(vh[:rank].T)  # (D, r)
-    model.config.embedding_rank = rank
-    return model
+        smaller.embedding.weight.copy_(u[:, :rank] * s[:rank])
+    return smaller.to(weight.device)
 
 
 def embedding_parameters(model: nn.Module) -> int:
-    """How many parameters the input embedding (and a factorized embedding's map) holds."""
-    total = sum(p.numel() for p in model.get_input_embeddings().parameters())
-    up = getattr(model, "embedding_up", None)
-    return total + (sum(p.numel() for p in up.parameters()) if up is not None else 0)
+    """How many parameters the input embedding holds."""
+    return sum(p.numel() for p in model.get_input_embeddings().parameters())

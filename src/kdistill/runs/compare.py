@@ -212,6 +212,9 @@ def _compare(
         reduce_batch=_next_token_stats if causal else None,
         outcomes=getattr(task, "outcomes", None),
         num_labels=len(task.label_names) if getattr(task, "label_names", None) else None,
+        sentence_counts=(lambda logits, b: task.sentence_counts(logits, b, parts.splits[split]))
+        if hasattr(task, "sentence_counts")
+        else None,
         seed=config.seed,
     )
 

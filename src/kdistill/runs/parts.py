@@ -29,9 +29,10 @@ from kdistill.models.vocab import (
     trim_tokenizer,
     used_token_ids,
 )
+from kdistill.runs.augment import augmented_rows
 from kdistill.runs.data import Examples, load_data, preprocess_splits
 from kdistill.runs.teacher import load_teacher
-from kdistill.runs.transfer import load_transfer, transfer_examples
+from kdistill.runs.transfer import drop_evaluation_texts, load_transfer, transfer_examples
 from kdistill.tasks import TASKS, Task, evaluate_task, make_batches
 from kdistill.tasks.base import tokenizers_differ
 
@@ -206,7 +207,7 @@ def _smaller(
         )
     if spec.embed_rank is not None:
         before = embedding_parameters(student)
-        factorize_embedding(student, spec.embed_rank)
+        student = factorize_embedding(student, spec.embed_rank, seed=config.seed)
         print(
             f"student embedding factorized at rank {spec.embed_rank}: {before:,} → {embedding_parameters(student):,}"
         )
@@ -260,9 +261,16 @@ def build_parts(config: RunConfig) -> RunParts:
         student_tokenizer = teacher_tokenizer
     other = teacher_tokenizer if config.mode == "distill" else None
     train_examples, eval_examples = preprocess_splits(config, task, splits, student_tokenizer, other)
-    if transfer_rows and config.mode == "distill":
+    unlabelled = list(transfer_rows or []) if config.mode == "distill" else []
+    if config.data.augment is not None and config.mode == "distill":
+        assert teacher is not None and teacher_tokenizer is not None
+        made = augmented_rows(config, splits["train"], teacher, teacher_tokenizer)
+        unlabelled += drop_evaluation_texts(config, splits, made)
+    elif config.data.augment is not None:
+        print(f"data.augment is left out: a {config.mode} run has no teacher to label the augmented texts")
+    if unlabelled:
         first_id = 1 + max(int(example["example_id"]) for example in train_examples)
-        train_examples += transfer_examples(config, task, transfer_rows, student_tokenizer, other, first_id)
+        train_examples += transfer_examples(config, task, unlabelled, student_tokenizer, other, first_id)
     return RunParts(
         config,
         task,

@@ -45,7 +45,8 @@ def teacher_cache_dir(config: RunConfig) -> Path:
     assert config.teacher is not None and config.teacher.path is not None  # a model teacher
     training = _teacher_training(config).model_dump()
     identity = _model_identity(config.teacher.path)
-    key = config_hash(identity, config.task, config.data.model_dump(), training, _teacher_seed(config))
+    data = config.data.model_dump(exclude={"transfer", "augment"})  # what the student alone trains on
+    key = config_hash(identity, config.task, data, training, _teacher_seed(config))
     return Path(config.teacher.cache_dir or default_cache_dir() / "teachers") / key
 
 

@@ -46,8 +46,7 @@ def load_transfer(config: RunConfig, splits: DatasetDict) -> list[Row]:
     assert spec is not None
     table, where = _read(config, spec)
     rows = _to_rows(config, spec, table, where)
-    held_out = {_key(config, row) for split, rows_ in splits.items() if split != "train" for row in _as_rows(rows_)}
-    kept = [row for row in rows if _key(config, row) not in held_out]
+    kept = drop_evaluation_texts(config, splits, rows)
     dropped = len(rows) - len(kept)
     if spec.limit is not None and len(kept) > spec.limit:
         import random
@@ -64,6 +63,12 @@ def load_transfer(config: RunConfig, splits: DatasetDict) -> list[Row]:
         + (f" ({dropped:,} dropped: their text is in a validation or test split)" if dropped else "")
     )
     return kept
+
+
+def drop_evaluation_texts(config: RunConfig, splits: DatasetDict, rows: list[Row]) -> list[Row]:
+    """``rows`` without those whose text (or pair, or words) a validation or test split holds."""
+    held_out = {_key(config, row) for split, table in splits.items() if split != "train" for row in _as_rows(table)}
+    return [row for row in rows if _key(config, row) not in held_out]
 
 
 def transfer_examples(

@@ -33,7 +33,7 @@ from torch import nn
 from kdistill.core.views import TokenView
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import InvalidArgumentError, KdistillError
-from kdistill.eval.metrics import entity_f1
+from kdistill.eval.metrics import entity_f1, get_entities
 from kdistill.tasks.base import (
     IGNORE_INDEX,
     chunks,
@@ -256,6 +256,44 @@ class TokenClassificationTask:
             examples_meta: the source rows (the dataset given to :meth:`preprocess`): their tags are the gold,
                 words lost to truncation included. None takes the gold from the batches' labels.
         """
+        true_tags, pred_tags = self._tag_lists(logits_per_batch, batches, examples_meta)
+        scores = entity_f1(true_tags, pred_tags)
+        pairs = [
+            (t, p) for gold, pred in zip(true_tags, pred_tags, strict=True) for t, p in zip(gold, pred, strict=True)
+        ]
+        return {
+            "precision": float(scores["precision"]),
+            "recall": float(scores["recall"]),
+            "f1": float(scores["f1"]),
+            "accuracy": sum(t == p for t, p in pairs) / max(len(pairs), 1),
+        }
+
+    def sentence_counts(
+        self,
+        logits_per_batch: Sequence[Sequence[torch.Tensor]],
+        batches: Sequence[Mapping[str, Any]],
+        examples_meta: Any = None,
+    ) -> list[list[int]]:
+        """Per sentence (in example order): correct, predicted and gold entities, correct words and words, whose
+        sums give :meth:`compute_metrics`'s F1 and accuracy; what a paired bootstrap resamples
+        (:func:`kdistill.eval.significance.paired_count_comparison`)."""
+        true_tags, pred_tags = self._tag_lists(logits_per_batch, batches, examples_meta)
+        counts = []
+        for gold, pred in zip(true_tags, pred_tags, strict=True):
+            gold_entities, pred_entities = set(get_entities(gold)), set(get_entities(pred))
+            right = sum(t == p for t, p in zip(gold, pred, strict=True))
+            counts.append(
+                [len(gold_entities & pred_entities), len(pred_entities), len(gold_entities), right, len(gold)]
+            )
+        return counts
+
+    def _tag_lists(
+        self,
+        logits_per_batch: Sequence[Sequence[torch.Tensor]],
+        batches: Sequence[Mapping[str, Any]],
+        examples_meta: Any,
+    ) -> tuple[list[list[str]], list[list[str]]]:
+        """The gold and the predicted tags of every sentence, in example order."""
         if self.label_names is None:
             raise InvalidArgumentError("scoring needs the task's label_names; call with_label_names(dataset) first")
         names = self.label_names
@@ -276,16 +314,7 @@ class TokenClassificationTask:
             pred_tags.append([names[words[w]] if w in words else OUTSIDE_TAG for w in range(len(gold))])
         if not true_tags:
             raise InvalidArgumentError("there are no rows to score")
-        scores = entity_f1(true_tags, pred_tags)
-        pairs = [
-            (t, p) for gold, pred in zip(true_tags, pred_tags, strict=True) for t, p in zip(gold, pred, strict=True)
-        ]
-        return {
-            "precision": float(scores["precision"]),
-            "recall": float(scores["recall"]),
-            "f1": float(scores["f1"]),
-            "accuracy": sum(t == p for t, p in pairs) / max(len(pairs), 1),
-        }
+        return true_tags, pred_tags
 
     def evaluate(
         self,

@@ -75,6 +75,9 @@ class TrainConfig:
     log_with: Sequence[str] = ("tensorboard",)  # accelerate trackers
     progress: bool = True  # a progress bar on the main process
     dataloader_drop_last: bool = False
+    # batches of examples of similar length: each epoch's seeded permutation is cut into windows of 50 batches,
+    # each window sorted by length and its batches shuffled (less padding, still a random order)
+    group_by_length: bool = False
 
     def __post_init__(self) -> None:
         positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_last")
@@ -98,10 +101,27 @@ class TrainConfig:
 
 
 class EpochSampler(Sampler[int]):
-    """A random permutation seeded by (seed, epoch): the data order depends on nothing else, so resume can skip."""
+    """A random permutation seeded by (seed, epoch): the data order depends on nothing else, so resume can skip.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    With ``lengths`` (and ``batch_size``), the permutation is grouped by length as Hugging Face's
+    ``LengthGroupedSampler`` groups it: windows of 50 batches are sorted by length, cut into batches, and the
+    batches of each window put in a seeded random order; a batch then pads to examples of about its own length.
+    """
+
+    WINDOW_BATCHES = 50
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+    ) -> None:
         self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        if lengths is not None and len(lengths) != size:
+            raise InvalidArgumentError(f"{len(lengths)} lengths for {size} examples")
+        self.lengths, self.batch_size = lengths, batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -110,10 +130,31 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return iter(range(self.size))
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        lengths, size = self.lengths, self.batch_size
+        grouped: list[int] = []
+        window = size * self.WINDOW_BATCHES
+        for start in range(0, len(order), window):
+            part = sorted(order[start : start + window], key=lambda i: -lengths[i])
+            batches = [part[i : i + size] for i in range(0, len(part), size)]
+            for index in torch.randperm(len(batches), generator=generator).tolist():
+                grouped += batches[index]
+        return iter(grouped)
 
     def __len__(self) -> int:
         return self.size
+
+
+def _example_length(example: Any) -> int:
+    """An example's length in tokens: its (student's) ``input_ids``; 1 for anything without them."""
+    if isinstance(example, Mapping):
+        inner = example.get("student") if isinstance(example.get("student"), Mapping) else example
+        ids = inner.get("input_ids")
+        if ids is not None:
+            return len(ids)
+    return 1
 
 
 @dataclass
@@ -211,7 +252,8 @@ def train(
 
         first = train_data[0]
         collate_fn = PadCollator() if isinstance(first, Mapping) and "input_ids" in first else default_collate
-    sampler = EpochSampler(len(train_data), cfg.seed)
+    lengths = [_example_length(example) for example in train_data] if cfg.group_by_length else None
+    sampler = EpochSampler(len(train_data), cfg.seed, lengths=lengths, batch_size=cfg.batch_size)
     loader = DataLoader(
         train_data,
         batch_size=cfg.batch_size,
