@@ -44,7 +44,12 @@ def test_example_config_validates(path):
 def test_example_runs_offline(path, tmp_path):
     limits = "data.limit={train: 48, validation: 16, test: 16}"
     extra = [f"output_dir={tmp_path / 'run'}", limits]
-    if load_config(path).teacher.is_model:  # teacher: ema | self loads no teacher model and caches none
+    config = load_config(path)
+    if config.data.transfer is not None:  # a few unlabelled rows, not the whole corpus
+        extra.append("data.transfer.limit=32")
+    if config.data.augment is not None:
+        extra.append("data.augment.limit=16")
+    if config.teacher.is_model:  # teacher: ema | self loads no teacher model and caches none
         extra.append(f"teacher.cache_dir={tmp_path / 'cache'}")
     if "extra_teachers" in path.read_text():
         extra += [

@@ -60,8 +60,12 @@ def _config(tmp_path: Path, backend: str, **sections: dict) -> dict:
     return data
 
 
-def test_both_backends_write_one_layout_and_the_same_student(tmp_path: Path) -> None:
-    results = {backend: run(load_config(data=_config(tmp_path, backend))) for backend in ("trainer", "engine")}
+@pytest.mark.parametrize("group", [False, True], ids=["shuffled", "grouped-by-length"])
+def test_both_backends_write_one_layout_and_the_same_student(tmp_path: Path, group: bool) -> None:
+    # group_by_length: the engine's grouped sampler and the Trainer's LengthGroupedSampler (each step holds the
+    # whole split either way)
+    training = {"group_by_length": group}
+    results = {b: run(load_config(data=_config(tmp_path, b, training=training))) for b in ("trainer", "engine")}
     weights = {}
     for backend, result in results.items():
         out = result.output_dir

@@ -202,3 +202,33 @@ def test_nothing_to_report_is_an_error_naming_the_directory(tmp_path):
 def test_importing_kdistill_does_not_import_matplotlib():
     code = "import sys, kdistill, kdistill.eval, kdistill.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _outcomes(logits, batches):
+    predictions = [int(p) for heads in logits for p in heads[0].argmax(-1)]
+    return predictions, [int(y) for b in batches for y in b["labels"]]
+
+
+def test_the_report_says_in_words_which_students_differ_beyond_noise(tmp_path):
+    import html
+
+    from kdistill.eval.compare import compare_verdicts
+
+    result = compare_models(
+        ModelEntry("teacher", make_tiny_bert(), role="teacher"),
+        [
+            ModelEntry("two-layer", make_tiny_bert(num_layers=2, hidden=16, seed=1)),
+            ModelEntry("lstm", make_tiny_lstm()),
+        ],
+        [make_batch(seed=s, batch=16) for s in range(4)],
+        view=SequenceView(),
+        task_metric=_classification_accuracy,
+        outcomes=_outcomes,
+        latency_repeats=2,
+    )
+    verdicts = compare_verdicts(result)
+    assert len(verdicts) == 1 and "two-layer" in verdicts[0] and "lstm" in verdicts[0]
+    write_compare(result, tmp_path)
+    text = build_report(tmp_path).read_text()
+    assert "Beyond noise?" in text and html.escape(verdicts[0]) in text
+    assert verdicts[0] in (tmp_path / "report.md").read_text()

@@ -30,7 +30,7 @@ from typing import Any
 
 from kdistill._io import atomic_write_text
 from kdistill.errors import KdistillError
-from kdistill.eval.compare_table import compare_markdown, compare_rows
+from kdistill.eval.compare_table import compare_markdown, compare_notes, compare_rows, compare_verdicts
 from kdistill.report.sections import evaluation_table, grid_table
 
 __all__ = ["build_report"]
@@ -368,6 +368,12 @@ def build_report(run_dir: str | Path, *, extra_compare: Mapping[str, Any] | None
         summary_html.append(f'<p class="headline">{html.escape(headlines[0])}</p>')
         summary_html.append("<ul>" + "".join(f"<li>{html.escape(h)}</li>" for h in headlines[1:]) + "</ul>")
         summary_md += [f"- {h}" for h in headlines]
+        verdicts = compare_verdicts(compare)  # which students differ beyond noise, in words
+        if verdicts:
+            summary_html.append("<p>Beyond noise? (95% paired bootstrap intervals over the test examples)</p>")
+            summary_html.append("<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts) + "</ul>")
+            summary_md += ["", "Beyond noise? (95% paired bootstrap intervals over the test examples)", ""]
+            summary_md += [f"- {v}" for v in verdicts]
     else:
         reason = (
             "the comparison holds no student" if compare else "no comparison of teacher and students (compare.json)"
@@ -397,6 +403,9 @@ def build_report(run_dir: str | Path, *, extra_compare: Mapping[str, Any] | None
         if settings:
             described = ", ".join(f"{key}={value}" for key, value in settings.items())
             comparison_html += f"<p>Settings: {html.escape(described)}.</p>"
+        notes_in_words = compare_notes(compare)
+        if notes_in_words:
+            comparison_html += "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes_in_words) + "</ul>"
         comparison_md = compare_markdown(compare)
     else:
         comparison_html = _na("Comparison not available: no compare.json in this run directory.")

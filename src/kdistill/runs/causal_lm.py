@@ -236,7 +236,7 @@ def distillation_arguments(config: RunConfig, output_dir: Path) -> DistillationA
         save_total_limit=training.keep_last,
         report_to=[],  # metrics.jsonl and TensorBoard are written by RunLogCallback, as the engine writes them
         disable_tqdm=not training.progress,
-        group_by_length=training.group_by_length,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
