@@ -41,6 +41,15 @@ def test_quick_demo_runs_offline_end_to_end(tmp_path, capsys):
     assert rows["student-2l-distilled"]["params"] < rows["teacher (MiniLM-L6)"]["params"]
     assert rows["student-2l-distilled"]["cka"] and rows["bilstm-distilled"]["latency_p50_ms"] > 0
     assert "student-2l-baseline" in out and "report:" in out
+    assert "transfer set: 64 unlabelled rows" in out and "data.transfer is left out of training" in out
+    assert "beyond noise" in out  # the verdicts, in words
+    # the same trimmed vocabulary for every student, so one set of inputs feeds them all
+    records = [rows[name]["vocabulary"] for name in names[1:]]
+    assert all(record == records[0] for record in records) and records[0]["of"] == 30522
+    assert (
+        json.loads((tmp_path / "demo" / "bilstm-distilled" / "student" / "config.json").read_text())["embedding_dim"]
+        == 128
+    )
     assert (tmp_path / "demo" / "report.html").is_file()
     for name in ("student-2l-distilled", "student-2l-baseline", "bilstm-distilled"):
         assert json.loads((tmp_path / "demo" / name / "run.json").read_text())["status"] == "complete"
