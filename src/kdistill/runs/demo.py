@@ -83,7 +83,15 @@ STUDENTS: dict[str, dict[str, Any]] = {
     "bilstm-distilled": {
         "mode": "distill",
         "student": {"kind": "bilstm", "vocab": "teacher", "hidden_size": 128, "embed_rank": 128, **SMALL},
-        "distill": {"kd_weight": 0.7, "hard_weight": 0.3, "temperature": 2.0},
+        # Tang et al.'s objective for BiLSTM students: MSE between the logits, no hard labels (96.0% of the teacher's
+        # accuracy in one epoch, against 94.2% with the 2-layer student's KL + CE)
+        "distill": {
+            "kd_loss": "logit_mse",
+            "kd_weight": 1.0,
+            "hard_weight": 0.0,
+            "temperature": 1.0,
+            "t2_scaling": False,
+        },
         "training": {"learning_rate": 2.0e-3, "weight_decay": 0.0},
     },
 }
