@@ -34,6 +34,7 @@ from torch import nn
 
 from kdistill._io import TRIMMED_VOCABULARY_FILE, write_json_atomically
 from kdistill.errors import InvalidArgumentError
+from kdistill.models.birnn import BiRNNClassifier
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -187,8 +188,6 @@ def factorize_embedding(model: nn.Module, rank: int, seed: int = 0) -> nn.Module
     the rows alone (the same functions, ``r × D`` fewer parameters, a cheaper recurrence). The recurrent layer and
     the head are drawn afresh from ``seed`` (they were untrained).
     """
-    from kdistill.models.birnn import BiRNNClassifier
-
     if not isinstance(model, BiRNNClassifier):
         raise InvalidArgumentError("student.embed_rank applies to BiRNN students (bilstm, bigru)")
     weight = model.embedding.weight.detach().float()

@@ -36,8 +36,10 @@ from kdistill.data.augment import (
     neighbour_replacer,
 )
 from kdistill.errors import InvalidArgumentError, KdistillError
+from kdistill.generation import GenerationParams, HFTeacher, generate_dataset
 from kdistill.models.loading import resolve_model_path
 from kdistill.runs.records import config_hash, default_cache_dir
+from kdistill.runs.teacher import model_identity
 
 if TYPE_CHECKING:
     from kdistill.models.loading import Tokenizer
@@ -95,10 +97,8 @@ def _fingerprint(rows: Sequence[Row]) -> str:
 
 
 def _teacher_identity(config: RunConfig) -> str:
-    from kdistill.runs.teacher import _model_identity
-
     assert config.teacher is not None and config.teacher.path is not None
-    return _model_identity(config.teacher.path)
+    return model_identity(config.teacher.path)
 
 
 def _words_of(config: RunConfig, row: Row, column: str) -> Words:
@@ -233,8 +233,6 @@ def _paraphrase_rows(
     config: RunConfig, sources: list[Row], spec: AugmentConfig, seed: int, directory: Path
 ) -> list[Row]:
     """Paraphrases of the first text of each (chosen) source row, from the local causal LM."""
-    from kdistill.generation import GenerationParams, HFTeacher, generate_dataset
-
     data = config.data
     paraphrase = spec.paraphrase
     assert paraphrase is not None

@@ -44,13 +44,13 @@ def teacher_cache_dir(config: RunConfig) -> Path:
     """Where the teacher fine-tuned for this config's task and data is kept (keyed by everything that shapes it)."""
     assert config.teacher is not None and config.teacher.path is not None  # a model teacher
     training = _teacher_training(config).model_dump()
-    identity = _model_identity(config.teacher.path)
+    identity = model_identity(config.teacher.path)
     data = config.data.model_dump(exclude={"transfer", "augment"})  # what the student alone trains on
     key = config_hash(identity, config.task, data, training, _teacher_seed(config))
     return Path(config.teacher.cache_dir or default_cache_dir() / "teachers") / key
 
 
-def _model_identity(path: str) -> str:
+def model_identity(path: str) -> str:
     """What names the teacher's weights in a cache key: a ``packaged:`` model by its name and its package's version
     (not its directory, which moves with the virtual environment), anything else by its path or hub id."""
     if not path.startswith("packaged:"):
