@@ -10,7 +10,7 @@ Two paths compute the same numbers:
 * plain: the student's and teacher's full logits ``(B, T, V)`` and the divergence on them;
 * chunked: the final hidden states of both models and their LM-head weights through
   :func:`~kdistill.losses.chunked_divergence`, so that no ``(N, V)`` logits tensor exists, for the KD term and for
-  the cross-entropy term (which runs ``chunk_size`` rows at a time under activation checkpointing).
+  the cross-entropy term (``chunk_size`` rows at a time, its gradients computed in the forward pass).
 
 Only torch is imported here; models are duck-typed Hugging Face causal LMs (``PreTrainedModel``, ``PeftModel``, or
 either wrapped by DDP); :mod:`kdistill.distillers.lm_heads` finds their LM heads and final hidden states, and
@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kdistill.core.shift import IGNORE_INDEX, counted_next_tokens, next_token_labels
 from kdistill.distillers.kd_terms import ChunkedKD, DenseKD, HeadStates, KDStrategy, Logits
@@ -39,6 +38,7 @@ from kdistill.distillers.lm_heads import (
 from kdistill.errors import InvalidArgumentError, ShapeMismatchError
 from kdistill.losses import token_cross_entropy
 from kdistill.losses._common import VOCAB_POLICIES
+from kdistill.losses.chunked import chunked_token_cross_entropy
 
 
 @dataclass
@@ -220,9 +220,9 @@ def chunked_cross_entropy(
 ) -> torch.Tensor:
     """``token_cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")`` without the ``(N, V)`` logits.
 
-    The counted rows (``targets != -100``) are taken ``chunk_size`` at a time; each chunk's logits and
-    cross-entropy run under activation checkpointing, so the forward pass keeps only the chunk's hidden rows and
-    the backward pass recomputes one chunk's logits at a time.
+    The counted rows (``targets != -100``) are taken ``chunk_size`` at a time by
+    :func:`~kdistill.losses.chunked.chunked_token_cross_entropy`, which computes each chunk's logits once and
+    its gradients in the same pass (the backward pass only scales them).
 
     Args:
         hidden: ``(..., H)`` final hidden states (logit scale already folded in).
@@ -240,21 +240,4 @@ def chunked_cross_entropy(
     counted = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)  # (n_counted,)
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, counted)  # (n_counted, H)
     row_targets = flat_targets.index_select(0, counted)  # (n_counted,)
-    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    total: torch.Tensor | None = None
-    for start in range(0, max(rows.shape[0], 1), chunk_size):
-        chunk_rows, chunk_targets = rows[start : start + chunk_size], row_targets[start : start + chunk_size]
-        if track:
-            part = checkpoint(_chunk_cross_entropy, chunk_rows, weight, bias, chunk_targets, use_reentrant=False)
-        else:
-            part = _chunk_cross_entropy(chunk_rows, weight, bias, chunk_targets)
-        total = part if total is None else total + part
-    assert total is not None
-    return total
-
-
-def _chunk_cross_entropy(
-    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
-) -> torch.Tensor:
-    logits = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())  # (chunk, V)
-    return token_cross_entropy(logits, targets, reduction="sum")
+    return chunked_token_cross_entropy(rows, weight, row_targets, bias, chunk_size=chunk_size)

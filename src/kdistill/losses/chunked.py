@@ -441,3 +441,98 @@ def _check_head(side: str, hidden: object, weight: object, bias: object) -> None
                 f"{name} has dtype {tensor.dtype} but {side}_hidden has {hidden.dtype}; cast one of them so the "
                 "LM-head product runs in one dtype"
             )
+
+
+# ---------------------------------------------------------------- hard labels
+
+
+def chunked_token_cross_entropy(
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """``Σ −log softmax(rows @ weight.T + bias)[target]`` over ``rows`` ``(n, H)`` and ``targets`` ``(n,)`` (all
+    counted), never holding more than one chunk's logits.
+
+    Like :func:`chunked_divergence`, the forward pass computes the gradients as it goes (softmax − one-hot, turned
+    into the rows', weight's and bias's gradients chunk by chunk) and the backward pass only scales them, so each
+    chunk's logits are computed once, not again under activation checkpointing. Without gradients it is a plain
+    chunked forward. The math is float32 (float64 for float64 inputs), as :func:`token_cross_entropy`'s.
+    """
+    if rows.dim() != 2 or targets.shape != rows.shape[:1]:
+        raise ShapeMismatchError(f"rows {tuple(rows.shape)} and targets {tuple(targets.shape)} must be (n, H), (n,)")
+    vocab = weight.shape[0]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        bad = int(targets[(targets < 0) | (targets >= vocab)][0])
+        raise InvalidArgumentError(
+            f"label {bad} is outside the {vocab} classes of the LM head (valid: 0..{vocab - 1})"
+        )
+    if chunk_size < 1:
+        raise InvalidArgumentError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ChunkedCrossEntropy.apply(rows, weight, bias, targets, chunk_size)
+
+
+def _cross_entropy_chunks(head: _Head, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The summed cross-entropy of all rows; fills the head's gradient accumulators on the way."""
+    n_rows = head.rows.shape[0]
+    chunk_rows = max(min(chunk_size, n_rows), 1)
+    vocab = head.weight.shape[0]
+    dtype = compute_dtype(head.weight)
+    slice_rows = (
+        chunk_rows if head.weight.device.type != "cpu" else max(1, _CPU_SLICE_BYTES // (vocab * dtype.itemsize))
+    )
+    buffer = head.logits_buffer(chunk_rows)  # (chunk, V): the logits, then their gradient
+    total = torch.zeros((), dtype=dtype, device=head.weight.device)
+    for start in range(0, n_rows, chunk_rows):
+        stop = min(start + chunk_rows, n_rows)
+        with torch.no_grad():
+            logits = head.logits(start, stop, buffer)  # (chunk, V)
+            for first in range(0, stop - start, slice_rows):
+                last = min(first + slice_rows, stop - start)
+                part = logits[first:last]
+                wide = part.to(dtype)  # (slice, V)
+                picked = targets[start + first : start + last]
+                log_norm = torch.logsumexp(wide, dim=-1)  # (slice,)
+                chosen = wide.gather(-1, picked[:, None]).squeeze(-1)
+                total += (log_norm - chosen).sum()
+                if head.requires_grad:  # d/dlogits of −log p(target): softmax − one-hot
+                    grad = torch.exp(wide - log_norm[:, None])
+                    grad[torch.arange(last - first, device=grad.device), picked] -= 1.0
+                    part.copy_(grad)
+            if head.requires_grad:
+                head.accumulate(start, stop, logits)
+    return total
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the summed cross-entropy *and* its gradients chunk by chunk; backward scales them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        head = _Head(rows, weight, bias, ctx.needs_input_grad[0:3])
+        loss = _cross_entropy_chunks(head, targets, chunk_size)
+        ctx.save_for_backward(head.grad_rows, head.grad_weight, head.grad_bias)
+        ctx.input_meta = [(t.shape, t.dtype) if t is not None else None for t in (rows, weight, bias)]
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        scale = None if bool((grad_output == 1).all()) else grad_output  # exactly 1: skip a V × H multiply
+        results: list[torch.Tensor | None] = []
+        for grad, meta in zip(ctx.saved_tensors, ctx.input_meta, strict=True):
+            if grad is None or meta is None:
+                results.append(None)
+                continue
+            results.append((grad if scale is None else grad * scale).to(meta[1]))
+        return (*results, None, None)
