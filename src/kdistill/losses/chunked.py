@@ -11,7 +11,7 @@ stored, so no ``(N, V)`` tensor exists in either pass, and the divergence is com
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -344,23 +344,25 @@ class _ChunkedDivergence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         *grads, counted_index = ctx.saved_tensors
-        scale = None if bool((grad_output == 1).all()) else grad_output  # exactly 1: skip a V × H multiply
-        results: list[torch.Tensor | None] = []
-        for position, (grad, meta) in enumerate(zip(grads, ctx.input_meta, strict=True)):
-            if grad is None or meta is None:
-                results.append(None)
-                continue
-            shape, dtype = meta
-            if scale is not None:
-                grad = grad * scale
-            grad = grad.to(dtype)
-            if position in (0, 3):  # student_hidden or teacher_hidden: put the counted rows back at their positions
-                grad = _scatter_rows(grad, counted_index, shape)
-            results.append(grad)
+        results = _scaled_gradients(grads, ctx.input_meta, grad_output)
+        for position in (0, 3):  # student_hidden or teacher_hidden: put the counted rows back at their positions
+            if results[position] is not None:
+                results[position] = _scatter_rows(results[position], counted_index, ctx.input_meta[position][0])
         return (*results, None, None)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def _scaled_gradients(
+    grads: Sequence[torch.Tensor | None], metas: Sequence[Any], grad_output: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """The gradients a forward pass computed, times the upstream gradient, in each input's dtype."""
+    scale = None if bool((grad_output == 1).all()) else grad_output  # exactly 1: skip a V × H multiply
+    return [
+        None if grad is None or meta is None else (grad if scale is None else grad * scale).to(meta[1])
+        for grad, meta in zip(grads, metas, strict=True)
+    ]
 
 
 def _counted_rows(hidden: torch.Tensor, counted_index: torch.Tensor | None) -> torch.Tensor:
@@ -528,11 +530,4 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        scale = None if bool((grad_output == 1).all()) else grad_output  # exactly 1: skip a V × H multiply
-        results: list[torch.Tensor | None] = []
-        for grad, meta in zip(ctx.saved_tensors, ctx.input_meta, strict=True):
-            if grad is None or meta is None:
-                results.append(None)
-                continue
-            results.append((grad if scale is None else grad * scale).to(meta[1]))
-        return (*results, None, None)
+        return (*_scaled_gradients(ctx.saved_tensors, ctx.input_meta, grad_output), None, None)
