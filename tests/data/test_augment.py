@@ -168,3 +168,19 @@ def test_mlm_without_a_head_is_refused(tmp_path):
     teacher = save_tiny_bert(tmp_path / "teacher", num_labels=2)
     with pytest.raises(InvalidArgumentError, match="needs a teacher whose weights hold a masked-LM head"):
         build_parts(load_config(data=_config(tmp_path, teacher, {"replace_with": "mlm"})))
+
+
+def test_the_replacer_sees_only_the_drafts_still_needed():
+    calls: list[int] = []
+    inner = neighbour_replacer({"good": ["fine"], "awful": ["bad"]}, 0)
+
+    def counting(rows, positions):
+        calls.append(len(rows))
+        return inner(rows, positions)
+
+    spec = RuleAugmentation(p_mask=0.2, p_replace=0.5, p_ngram=0.3)
+    made = augment_words(ROWS, 2, spec, counting, seed=3)
+    assert calls[0] == 2 * len(ROWS)  # the first round: two drafts per row
+    assert all(later < calls[0] for later in calls[1:]) and len(calls) <= 3  # then only the missing copies
+    kept = {i: sum(1 for j, _ in made if j == i) for i in range(len(ROWS))}
+    assert kept[0] == kept[1] == 2 and sum(calls) - len(made) < len(ROWS) * 4

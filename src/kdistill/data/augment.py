@@ -46,41 +46,48 @@ def augment_words(
 ) -> list[tuple[int, Words]]:
     """Up to ``copies`` distinct augmented versions of each row, as ``(source row index, words)``.
 
-    Each copy is drawn up to ``max_tries`` times until it differs from its source and from the row's earlier
-    copies; a row too short to change (one word, nothing drawn) may get fewer.
+    Drafts are made in rounds: the first drafts ``copies`` per row, each later one only the copies still missing
+    (a draft equal to its source or to an earlier copy is not kept), up to ``max_tries`` rounds; so the replacer
+    (a masked-LM forward per text, on that path) sees about as many texts as are kept. A row too short to change
+    (one word, nothing drawn) may get fewer.
     """
     rng = random.Random(seed)
-    plans: list[tuple[int, Words, list[int], list[bool]]] = []  # (row, words, replaced indices, masked flags)
-    for index, words in enumerate(rows):
-        for _ in range(copies * max_tries):
-            masked, replaced = [], []
-            for position in range(len(words)):
-                draw = rng.random()
-                masked.append(draw < spec.p_mask)
-                if not masked[-1] and draw < spec.p_mask + spec.p_replace:
-                    replaced.append(position)
-            plans.append((index, list(words), replaced, masked))
-    choices = replace([p[1] for p in plans], [p[2] for p in plans]) if replace is not None else None
+    made: list[set[tuple[str, ...]]] = [{tuple(words)} for words in rows]  # each row's source and its copies
     out: list[tuple[int, Words]] = []
-    seen: dict[int, set[tuple[str, ...]]] = {}
-    for number, (index, words, replaced, masked) in enumerate(plans):
-        made = seen.setdefault(index, {tuple(words)})
-        if len(made) > copies:  # this row has all its copies
-            continue
-        new = [spec.mask_token if flag else word for word, flag in zip(words, masked, strict=True)]
-        if choices is not None:
-            for position, word in zip(replaced, choices[number], strict=True):
+    wanted = {index: copies for index in range(len(rows))}
+    for _ in range(max_tries):
+        drafts = [index for index, missing in wanted.items() for _ in range(missing)]
+        if not drafts:
+            break
+        plans = [(index, *_draw(rows[index], spec, rng)) for index in drafts]  # (row, masked flags, replaced)
+        choices = replace([rows[i] for i, _, _ in plans], [r for _, _, r in plans]) if replace is not None else None
+        for number, (index, masked, replaced) in enumerate(plans):
+            new = [spec.mask_token if flag else word for word, flag in zip(rows[index], masked, strict=True)]
+            for position, word in zip(replaced, choices[number] if choices is not None else [], strict=False):
                 if word is not None:
                     new[position] = word
-        if len(new) > 1 and rng.random() < spec.p_ngram:
-            low, high = spec.ngram_range
-            n = rng.randint(min(low, len(new)), min(high, len(new)))
-            start = rng.randint(0, len(new) - n)
-            new = new[start : start + n]
-        if tuple(new) not in made:
-            made.add(tuple(new))
-            out.append((index, new))
-    return out
+            if len(new) > 1 and rng.random() < spec.p_ngram:
+                low, high = spec.ngram_range
+                n = rng.randint(min(low, len(new)), min(high, len(new)))
+                begin = rng.randint(0, len(new) - n)
+                new = new[begin : begin + n]
+            if tuple(new) not in made[index]:
+                made[index].add(tuple(new))
+                out.append((index, new))
+                wanted[index] -= 1
+        wanted = {index: missing for index, missing in wanted.items() if missing > 0}
+    return sorted(out, key=lambda item: item[0])
+
+
+def _draw(words: Words, spec: RuleAugmentation, rng: random.Random) -> tuple[list[bool], list[int]]:
+    """Which words one draft masks, and which it replaces (exclusive: a masked word is not replaced)."""
+    masked, replaced = [], []
+    for position in range(len(words)):
+        draw = rng.random()
+        masked.append(draw < spec.p_mask)
+        if not masked[-1] and draw < spec.p_mask + spec.p_replace:
+            replaced.append(position)
+    return masked, replaced
 
 
 def embedding_neighbours(
