@@ -36,7 +36,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
-	cd bench && ../$(BIN)/python losses.py && ../$(BIN)/python step_overhead.py && ../$(BIN)/python llm_memory.py && ../$(BIN)/python cache.py
+	cd bench && ../$(BIN)/python losses.py && ../$(BIN)/python step_overhead.py && ../$(BIN)/python llm_memory.py && ../$(BIN)/python cache.py && ../$(BIN)/python vs_peers.py && ../$(BIN)/python gpu.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

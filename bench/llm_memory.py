@@ -23,9 +23,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from _results import machine_line, write_section
-from kdistill.distillers.lm_loss import causal_lm_loss_sums
-from losses import (
+from _measure import (
     ATTEMPTS,
     NOISY_SHARE,
     _children_cpu_seconds,
@@ -35,6 +33,8 @@ from losses import (
     _rss_bytes,
     _wait_for_quiet,
 )
+from _results import machine_line, write_section
+from kdistill.distillers.lm_loss import causal_lm_loss_sums
 
 VOCAB = 49_152  # SmolLM2
 HIDDEN = 256

@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,17 @@ from typing import Any
 
 import torch
 
+from _measure import (
+    ATTEMPTS,
+    MIB,
+    NOISY_SHARE,
+    _children_cpu_seconds,
+    _cpu_ticks,
+    _others_share,
+    _peak_rss_bytes,
+    _rss_bytes,
+    _wait_for_quiet,
+)
 from _results import RESULTS, write_section
 from kdistill.losses import chunked_divergence, forward_kl
 
@@ -38,22 +48,9 @@ CHUNK_SIZES = {32_000: (256, 1024), 128_000: (256, 512, 1024)}  # tried per voca
 REPS = {32_000: 3, 128_000: 2}  # timed repetitions after the warm-up
 PLAIN_BYTES_PER_LOGIT = 40  # measured peak of the plain path here: about 10 float32 buffers of N×V
 MEMORY_CEILING = 18 * 2**30  # never start a plain case whose estimated peak exceeds this
-QUIET_SHARE = 0.1  # a case starts once other processes use less of the cores than this (waits 5 minutes at most)
-NOISY_SHARE = 0.15  # a case during which other processes used more of the cores than this is run again
-ATTEMPTS = 3  # at most this many runs of one case; the quietest counts
-MIB = 2**20
 
 
 # ---------------------------------------------------------------- one case, in its own process
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def run_case(case: str, vocab: int, tokens: int, chunk_size: int, reps: int) -> dict[str, Any]:
@@ -93,36 +90,6 @@ def run_case(case: str, vocab: int, tokens: int, chunk_size: int, reps: int) -> 
 
 
 # ---------------------------------------------------------------- the driver
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all cores since boot, from /proc/stat."""
-    with open("/proc/stat") as stat:
-        ticks = [int(value) for value in stat.readline().split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, sum(ticks)
-
-
-def _children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _others_share(busy_ticks: int, total_ticks: int, own_cpu_seconds: float) -> float:
-    """The share of all cores that processes other than ours kept busy."""
-    ticks_per_second = os.sysconf("SC_CLK_TCK")
-    return max(busy_ticks / ticks_per_second - own_cpu_seconds, 0.0) / max(total_ticks / ticks_per_second, 1e-9)
-
-
-def _wait_for_quiet(limit_s: float = 300.0) -> None:
-    """Other processes on this machine skew wall times: wait (a while, not forever) until they leave the cores idle."""
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        busy_before, total_before = _cpu_ticks()
-        time.sleep(3.0)
-        busy_after, total_after = _cpu_ticks()
-        if _others_share(busy_after - busy_before, total_after - total_before, 0.0) < QUIET_SHARE:
-            return
 
 
 def _spawn(case: str, vocab: int, tokens: int, chunk_size: int, reps: int) -> dict[str, Any]:
