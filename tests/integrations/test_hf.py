@@ -291,6 +291,28 @@ def test_on_policy_loss_is_computed_on_the_students_samples(tmp_path: Path) -> N
         assert bool((labels[mask == 0] == -100).all())
 
 
+def test_on_policy_generation_is_batched_cached_and_its_share_logged(tmp_path: Path) -> None:
+    student, teacher = _models()
+    calls: list[dict[str, Any]] = []
+    generate = student.generate
+
+    def recording_generate(**kwargs: Any) -> torch.Tensor:
+        calls.append({"rows": kwargs["input_ids"].shape[0], "use_cache": kwargs.get("use_cache")})
+        return generate(**kwargs)
+
+    student.generate = recording_generate
+    args = _args(tmp_path, max_steps=2, per_device_train_batch_size=2, on_policy_fraction=1.0,
+                 on_policy_max_new_tokens=4, logging_steps=1)  # fmt: skip
+    logs = _train_logs(_trainer(student, teacher, args, train_dataset=_examples(4)))
+    assert calls == [{"rows": 2, "use_cache": True}] * 2  # one call per micro-batch, all its prompts at once
+    assert len(logs) == 2
+    for record in logs:
+        assert 0.0 < record["on_policy_generation_share"] <= 1.0
+        assert record["on_policy_generation_seconds"] > 0.0
+    off_policy = _train_logs(_trainer(*_models(), _args(tmp_path / "off", max_steps=1)))
+    assert "on_policy_generation_share" not in off_policy[0]
+
+
 # ---------------------------------------------------------------- checkpoints, saving, logging
 
 

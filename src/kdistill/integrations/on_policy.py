@@ -39,10 +39,10 @@ def sample_on_policy_batch(
 ) -> dict[str, torch.Tensor]:
     """A new micro-batch from the student's samples for ``batch``'s prompts.
 
-    The student (unwrapped, in eval mode, without gradients) samples up to ``max_new_tokens`` tokens per left-padded
-    prompt at ``temperature`` from its full distribution (no top-k/top-p). Each row becomes ``prompt + completion``
-    up to and including the first EOS, right-padded; ``labels`` are the completion's tokens and ``-100`` on the
-    prompt, after the first EOS and on padding.
+    The student (unwrapped, in eval mode, without gradients, with its KV cache) samples for the whole batch of
+    left-padded prompts at once, up to ``max_new_tokens`` tokens each at ``temperature`` from its full distribution
+    (no top-k/top-p). Each row becomes ``prompt + completion`` up to and including the first EOS, right-padded;
+    ``labels`` are the completion's tokens and ``-100`` on the prompt, after the first EOS and on padding.
 
     Raises:
         InvalidArgumentError: a batch without ``prompt_input_ids``/``prompt_attention_mask``, or with a separate
@@ -74,6 +74,7 @@ def sample_on_policy_batch(
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=max_new_tokens,
+                use_cache=True,  # the KV cache: each new token costs one position's forward, not the prefix's
                 pad_token_id=pad_id,
                 eos_token_id=eos_ids or None,
             )

@@ -40,6 +40,7 @@ probabilities, positions paired in order (``"uld"``) or by the completion charac
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -167,6 +168,9 @@ class DistillationTrainer(transformers.Trainer):
         self._step_counts: tuple[torch.Tensor, dict[str, float]] | None = None
         # [KD sum, hard sum, KD units, hard units] of the training micro-batches since the last log
         self._term_totals = torch.zeros(4, dtype=torch.float64)
+        # on-policy steps since the last log: seconds spent generating and seconds in all (generation, forward,
+        # backward, optimizer), measured from the start of one step's get_batch_samples to the start of the next
+        self._on_policy_clock = OnPolicyClock()
 
     # ---------------------------------------------------------------- the loss
 
@@ -301,6 +305,7 @@ class DistillationTrainer(transformers.Trainer):
             if "hard" in active and hard_units > 0:
                 logs["ce_loss"] = hard_total / hard_units
             self._term_totals = torch.zeros(4, dtype=torch.float64)
+            logs.update(self._on_policy_clock.report())
         super().log(logs, start_time)
 
     # ---------------------------------------------------------------- normalization and on-policy steps
@@ -319,14 +324,18 @@ class DistillationTrainer(transformers.Trainer):
         for its prompts (see :meth:`on_policy_batch`) *before* counting, so the normalization stays exact over the
         step's generated sequences too.
         """
+        on_policy = self._draw_on_policy()
+        self._on_policy_clock.step_starts(on_policy)
         batches: list[Any] = []
         for _ in range(num_batches):
             try:
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        if batches and self._draw_on_policy():
+        if batches and on_policy:
+            started = time.perf_counter()
             batches = [self.on_policy_batch(batch) for batch in batches]
+            self._on_policy_clock.generated(time.perf_counter() - started)
             self.last_on_policy_batches = batches
         if not batches or not all(isinstance(b, Mapping) and "labels" in b for b in batches):
             self._step_counts = None
@@ -360,6 +369,46 @@ class DistillationTrainer(transformers.Trainer):
             max_new_tokens=args.on_policy_max_new_tokens,
             temperature=args.on_policy_temperature,
         )
+
+
+class OnPolicyClock:
+    """How much of the on-policy steps' time the student's sampling takes, reported with each training log.
+
+    A step's time runs from the start of its ``get_batch_samples`` (where the samples are drawn) to the start of the
+    next step's, or to the log that follows it; so it holds generation, forwards, backward and the optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self.generation = self.total = 0.0
+        self.steps = 0
+        self._started: float | None = None  # the current step's start, when it is on-policy
+
+    def step_starts(self, on_policy: bool) -> None:
+        now = time.perf_counter()
+        if self._started is not None:
+            self.total += now - self._started
+        self._started = now if on_policy else None
+        self.steps += int(on_policy)
+
+    def generated(self, seconds: float) -> None:
+        self.generation += seconds
+
+    def report(self) -> dict[str, float]:
+        """``on_policy_generation_seconds`` (per on-policy step) and ``on_policy_generation_share`` (of those
+        steps' time) since the last report; nothing when no on-policy step ran."""
+        if self._started is not None:  # the step just logged: count it up to now
+            now = time.perf_counter()
+            self.total, self._started = self.total + now - self._started, now
+        if self.steps == 0 or self.total <= 0:
+            self.generation = self.total = 0.0
+            return {}
+        logs = {
+            "on_policy_generation_seconds": self.generation / self.steps,
+            "on_policy_generation_share": min(self.generation / self.total, 1.0),
+        }
+        self.generation = self.total = 0.0
+        self.steps = 0
+        return logs
 
 
 def _device_of(inputs: Mapping[str, Any]) -> torch.device | None:
