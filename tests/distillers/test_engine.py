@@ -471,3 +471,25 @@ def test_grouping_by_length_is_a_seeded_permutation_with_less_padding():
     assert padded(order) < 0.75 * padded(shuffled)
     with pytest.raises(InvalidArgumentError, match="3 lengths for 500 examples"):
         EpochSampler(500, 1, lengths=[1, 2, 3])
+
+
+def test_fused_adamw_is_the_default_and_makes_the_same_update(tmp_path, monkeypatch):
+    made: list[object] = []
+    plain_adamw = torch.optim.AdamW
+
+    def recording_adamw(*args, **kwargs):
+        made.append(kwargs.get("fused"))
+        return plain_adamw(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording_adamw)
+    matches = expand_layer_map("uniform", 4, 2, loss="hidden_mse", projection="linear")
+    objective = Objective(kd_loss="forward_kl", kd_weight=0.5, hard_weight=0.5, temperature=2.0, matches=matches)
+    students = {}
+    for fused in (True, False):
+        teacher, student = teacher_and_student()  # dropout on, uneven lengths; 2 epochs of weight decay and clipping
+        cfg = config(tmp_path / str(fused), num_epochs=2, fused_optimizer=fused, weight_decay=0.01, max_grad_norm=1.0)
+        train(Distiller(student, teacher, objective), toy_examples(24), cfg)
+        students[fused] = flat_state(student)
+    assert made == [True, None]  # fused on the CPU by default; torch's default (for-loop) implementation when off
+    for name, value in students[False].items():
+        torch.testing.assert_close(students[True][name], value, rtol=1e-5, atol=1e-6, msg=name)

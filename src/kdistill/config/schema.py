@@ -169,6 +169,7 @@ class TrainingConfig(Strict):
     log_with: list[str] = Field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
     group_by_length: bool = False  # batches of examples of similar length (less padding), in a seeded order
+    fused_optimizer: bool = True  # AdamW through torch's fused kernel where the parameters allow it (same update)
     # what trains: "engine" (kdistill's accelerate loop) or "trainer" (DistillationTrainer, transformers.Trainer;
     # task causal_lm only); null: the task's default (trainer for causal_lm, engine for the others)
     backend: Literal["engine", "trainer"] | None = None

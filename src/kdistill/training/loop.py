@@ -78,6 +78,9 @@ class TrainConfig:
     # batches of examples of similar length: each epoch's seeded permutation is cut into windows of 50 batches,
     # each window sorted by length and its batches shuffled (less padding, still a random order)
     group_by_length: bool = False
+    # AdamW through torch's fused kernel (one pass over all parameters per step; the same update) when every trained
+    # parameter is a float tensor on the CPU or a CUDA device and DeepSpeed does not own the optimizer
+    fused_optimizer: bool = True
 
     def __post_init__(self) -> None:
         positive = ("num_epochs", "batch_size", "gradient_accumulation_steps", "log_every", "keep_last")
@@ -192,6 +195,15 @@ def _param_groups(module: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def _can_fuse(module: nn.Module, accelerator: Any) -> bool:
+    """Whether torch's fused AdamW takes these parameters: float tensors on the CPU or CUDA, DeepSpeed not in use
+    (it builds its own optimizer from ours)."""
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return False
+    params = [p for p in module.parameters() if p.requires_grad]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def _window(iterator: Iterator[Any], size: int) -> list[Any]:
     batch_list = []
     for _ in range(size):
@@ -270,7 +282,8 @@ def train(
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(_param_groups(module, cfg), lr=cfg.learning_rate, momentum=cfg.sgd_momentum)
     else:
-        optimizer = torch.optim.AdamW(_param_groups(module, cfg), lr=cfg.learning_rate)
+        fused = cfg.fused_optimizer and _can_fuse(module, accelerator)
+        optimizer = torch.optim.AdamW(_param_groups(module, cfg), lr=cfg.learning_rate, fused=fused or None)
 
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
     steps_per_epoch = max(math.ceil(len(loader) / cfg.gradient_accumulation_steps), 1)
