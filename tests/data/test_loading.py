@@ -7,7 +7,9 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
+from kdistill.data.collate import PadCollator
 from kdistill.data.loading import DataError, check_columns, load_splits
 from kdistill.data.word_tokenizer import WordTokenizer
 from kdistill.errors import InvalidArgumentError, KdistillError
@@ -149,3 +151,16 @@ def test_word_tokenizer_encodes_like_a_hf_tokenizer(tmp_path: Path) -> None:
     assert loaded.get_vocab() == tokenizer.get_vocab() and loaded(text)["input_ids"] == encoded["input_ids"]
     with pytest.raises(KdistillError, match=r"no word_tokenizer\.json"):
         WordTokenizer.from_pretrained(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_collator_pads_tensor_rows_as_it_pads_lists(side):
+    rows = [[5, 6, 7], [8], [9, 10]]
+    as_lists = [{"input_ids": r, "labels": [1] * len(r)} for r in rows]
+    as_tensors = [{"input_ids": torch.tensor(r), "labels": torch.tensor([1] * len(r))} for r in rows]
+    collate = PadCollator(pad_id=0, padding_side=side)
+    want, got = collate(as_lists), collate(as_tensors)
+    expected_ids = [[5, 6, 7], [8, 0, 0], [9, 10, 0]] if side == "right" else [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert want["input_ids"].tolist() == expected_ids
+    for key in ("input_ids", "attention_mask"):
+        assert torch.equal(got[key], want[key]), key

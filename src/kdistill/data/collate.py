@@ -64,7 +64,8 @@ class PadCollator:
     def _pad_lists(self, rows: Sequence[Sequence[int]], length: int, value: int) -> torch.Tensor:
         out = torch.full((len(rows), length), value, dtype=torch.long)
         for i, row in enumerate(rows):
-            row_tensor = torch.as_tensor(list(row), dtype=torch.long)
+            # a tensor row as it is (list() of a tensor would make one 0-d tensor per token: ~100× slower)
+            row_tensor = torch.as_tensor(row if isinstance(row, (torch.Tensor, list)) else list(row), dtype=torch.long)
             if self.padding_side == "right":
                 out[i, : len(row)] = row_tensor
             else:
