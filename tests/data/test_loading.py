@@ -162,5 +162,6 @@ def test_pad_collator_pads_tensor_rows_as_it_pads_lists(side):
     want, got = collate(as_lists), collate(as_tensors)
     expected_ids = [[5, 6, 7], [8, 0, 0], [9, 10, 0]] if side == "right" else [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
     assert want["input_ids"].tolist() == expected_ids
-    for key in ("input_ids", "attention_mask"):
+    assert want["labels"].tolist() == [[1 if i != 0 else -100 for i in row] for row in expected_ids]
+    for key in ("input_ids", "attention_mask", "labels"):
         assert torch.equal(got[key], want[key]), key

@@ -49,7 +49,9 @@ class PadCollator:
             values = [e[key] for e in examples]
             if key in _TOKEN_KEYS or key == "attention_mask":
                 batch[key] = self._pad_lists(values, length, self.pad_id if key != "attention_mask" else 0)
-            elif key == "labels" and isinstance(values[0], (list, tuple)):
+            elif key == "labels" and (
+                isinstance(values[0], (list, tuple)) or (isinstance(values[0], torch.Tensor) and values[0].dim() == 1)
+            ):  # per-token labels
                 batch[key] = self._pad_lists(values, length, self.label_pad_id)
             elif isinstance(values[0], (int, float, bool)):
                 batch[key] = torch.tensor(values)
